@@ -1,0 +1,129 @@
+"""UniMedI configuration: a ViT shared by a 2D and a 3D tokenizer, a BERT-family text tower, and the common space."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# BioClinicalBERT (emilyalsentzer/Bio_ClinicalBERT) is a cased BERT-base: only the vocabulary differs from BERT's
+# defaults. The weights are not bundled; `UniMedIModel.from_pretrained_parts` loads them from the Hub or a folder.
+BIO_CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
+BIO_CLINICAL_BERT_TEXT_CONFIG = {"vocab_size": 28996, "_name_or_path": BIO_CLINICAL_BERT}
+
+
+def _as_tuple(value, length: int, name: str) -> tuple[int, ...]:
+    values = (value,) * length if isinstance(value, int) else tuple(value)
+    if len(values) != length or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"`{name}` must be a positive int or {length} positive ints, got {value!r}")
+    return values
+
+
+@strict
+class UniMedIVisionConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`UniMedIVisionModel`]: one transformer backbone E_v fed by a 2D patch tokenizer T_2D (X-rays,
+    pseudo-2D CT slices) and a 3D patch tokenizer T_3D (CT volumes). Defaults are ViT-B/16 with the paper's input
+    sizes: a 224x224 image gives 14x14 = 196 tokens and a 32x128x128 volume with 4x16x16 patches gives 8x8x8 = 512.
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: ViT width, depth, heads, MLP width.
+        hidden_act: MLP activation. layer_norm_eps: LayerNorm epsilon (1e-6 as in timm's ViT).
+        qkv_bias: whether the fused query/key/value projection has a bias.
+        attention_dropout, hidden_dropout: dropout on attention probabilities and on residual branches.
+        initializer_range: std of the truncated-normal initialisation of linear and embedding weights.
+        image_size, patch_size, num_channels: 2D input geometry (square images, channels after grayscale replication).
+        volume_size, volume_patch_size, volume_channels: 3D input geometry as (depth, height, width).
+    """
+
+    model_type = "unimedi_vision_model"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    volume_size: list[int] | tuple[int, int, int] = (32, 128, 128)
+    volume_patch_size: list[int] | tuple[int, int, int] = (4, 16, 16)
+    volume_channels: int = 1
+
+    def __post_init__(self, **kwargs):
+        self.volume_size = _as_tuple(self.volume_size, 3, "volume_size")
+        self.volume_patch_size = _as_tuple(self.volume_patch_size, 3, "volume_patch_size")
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: shapes that cannot build a model fail at config time, not at forward."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"image_size ({self.image_size}) is not divisible by patch_size ({self.patch_size})")
+        for axis, size, patch in zip("DHW", self.volume_size, self.volume_patch_size):
+            if size % patch != 0:
+                raise ValueError(f"volume_size {axis}={size} is not divisible by volume_patch_size {axis}={patch}")
+        for name in ("num_channels", "volume_channels", "num_hidden_layers", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_image_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def volume_grid(self) -> tuple[int, int, int]:
+        """Tokens along (D, H, W) of a configured-size volume; depth index = slab index of Eq. 2."""
+        return tuple(s // p for s, p in zip(self.volume_size, self.volume_patch_size))
+
+    @property
+    def num_volume_patches(self) -> int:
+        d, h, w = self.volume_grid
+        return d * h * w
+
+
+@strict
+class UniMedIConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`UniMedIModel`] and [`UniMedIForPreTraining`].
+
+    Args:
+        vision_config (`dict` or [`UniMedIVisionConfig`], *optional*): the shared 2D/3D vision encoder.
+        text_config (`dict` or `PreTrainedConfig`, *optional*): any BERT-family encoder config (`model_type` picks the
+            architecture); defaults to BioClinicalBERT's architecture.
+        projection_dim: size of the common image/volume/report space.
+        logit_scale_init_value: initial log of the inverse CLIP temperature (log(1/0.07), as CLIP).
+        text_pooling: how a report becomes one vector before projection; "cls" takes the [CLS] hidden state.
+        num_selected_slices, slice_selection, mask_ratio, ...: pretraining fields read by [`UniMedIForPreTraining`]
+            (attentive slice selection, attention-guided masking, self-distillation); unused at inference.
+    """
+
+    model_type = "unimedi"
+    sub_configs_defaults = {
+        "vision_config": UniMedIVisionConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=BIO_CLINICAL_BERT_TEXT_CONFIG),
+    }
+
+    vision_config: dict | UniMedIVisionConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    text_pooling: Literal["cls"] = "cls"
+
+    def validate_architecture(self):
+        if self.projection_dim <= 0:
+            raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
+        if not hasattr(self.text_config, "hidden_size"):
+            raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
+
+
+__all__ = ["UniMedIConfig", "UniMedIVisionConfig"]

@@ -1,0 +1,38 @@
+"""Symmetric CLIP loss (L_vl) between visual and report embeddings, optionally with negatives from every rank."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy for a square (n_images, n_texts) logit matrix."""
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def gathered_contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """L_vl with negatives from all ranks (open_clip's "local loss" with gradients through the gather).
+
+    Each rank scores its own images against every rank's texts and its own texts against every rank's images, so the
+    loss sees the global batch while computing only a (local x global) block. Embeddings must be L2-normalised and
+    every rank must hold the same number of samples. Without an initialised process group this is the plain loss.
+    """
+    scale = logit_scale.exp()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return contrastive_loss(scale * image_embeds @ text_embeds.t())
+    all_images = _gather_with_grad(image_embeds)
+    all_texts = _gather_with_grad(text_embeds)
+    offset = dist.get_rank() * image_embeds.shape[0]
+    image_to_text = scale * image_embeds @ all_texts.t()
+    text_to_image = scale * text_embeds @ all_images.t()
+    targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2

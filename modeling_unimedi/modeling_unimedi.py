@@ -1,0 +1,471 @@
+"""UniMedI models: one ViT backbone shared by 2D (X-ray) and 3D (CT) tokenizers, a BERT-family report encoder, and
+projections into one common space trained with a CLIP loss (paper §3.1, §3.3)."""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
+from .loss_unimedi import contrastive_loss
+
+
+@dataclass
+class UniMedIVisionModelOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_tokens, hidden_size)`):
+        Final-normed tokens: [CLS], then the 3D tokens (if a volume was given), then the 2D tokens.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the [CLS] token.
+    cls_attention (`torch.FloatTensor` of shape `(batch_size, num_tokens)`, *optional*):
+        Eq. 1 of the paper: the [CLS] query's attention probabilities over the patch tokens, averaged over all layers
+        and heads (softmax over all keys, the [CLS] column dropped). Returned when `output_cls_attention=True`.
+    """
+
+    cls_attention: torch.FloatTensor | None = None
+
+
+@dataclass
+class UniMedIOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): symmetric CLIP loss L_vl over all samples of the batch.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
+        Scaled cosine similarities; rows are the X-rays first, then the CT volumes, matching the report order.
+    logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_images + num_volumes)`): the transpose.
+    image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*): normalised X-ray embeddings.
+    volume_embeds (`torch.FloatTensor` of shape `(num_volumes, projection_dim)`, *optional*): normalised CT embeddings.
+    text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`): normalised report embeddings.
+    image_model_output, volume_model_output, text_model_output: the towers' outputs (pooler_output = projection).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    volume_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_model_output: BaseModelOutputWithPooling | None = None
+    volume_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def interpolate_position_embedding(
+    position_embedding: torch.Tensor, source_grid: tuple[int, ...], target_grid: tuple[int, ...]
+) -> torch.Tensor:
+    """Resize a learned (1, prod(source_grid), dim) position table to another token grid (bicubic 2D, trilinear 3D)."""
+    if tuple(source_grid) == tuple(target_grid):
+        return position_embedding
+    dim = position_embedding.shape[-1]
+    table = position_embedding.reshape(1, *source_grid, dim).movedim(-1, 1).float()
+    mode = "bicubic" if len(source_grid) == 2 else "trilinear"
+    table = F.interpolate(table, size=tuple(target_grid), mode=mode, align_corners=False)
+    return table.movedim(1, -1).reshape(1, -1, dim).to(position_embedding.dtype)
+
+
+def _check_input(tensor: torch.Tensor, name: str, rank: int, channels: int, patch: tuple[int, ...]) -> None:
+    if tensor.ndim != rank:
+        layout = "(batch, channels, height, width)" if rank == 4 else "(batch, channels, depth, height, width)"
+        raise ValueError(f"`{name}` must have rank {rank} {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] != channels:
+        raise ValueError(f"`{name}` must have {channels} channel(s) as configured, got {tensor.shape[1]}")
+    for size, step in zip(tensor.shape[2:], patch):
+        if size % step != 0:
+            raise ValueError(
+                f"`{name}` spatial size {tuple(tensor.shape[2:])} is not divisible by the patch size {tuple(patch)}"
+            )
+
+
+class UniMedIImagePatchEmbeddings(nn.Module):
+    """T_2D: non-overlapping 2D patches -> tokens, plus learned 2D positions (resized for other image sizes)."""
+
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = (config.patch_size, config.patch_size)
+        self.grid = (config.image_size // config.patch_size,) * 2
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _check_input(pixel_values, "pixel_values", 4, self.config.num_channels, self.patch_size)
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        tokens = self.projection(pixel_values).flatten(2).transpose(1, 2)
+        grid = tuple(s // p for s, p in zip(pixel_values.shape[2:], self.patch_size))
+        return tokens + interpolate_position_embedding(self.position_embedding, self.grid, grid)
+
+
+class UniMedIVolumePatchEmbeddings(nn.Module):
+    """T_3D: non-overlapping 3D patches -> tokens in (depth, height, width) order, plus learned 3D positions.
+
+    Token j of depth slab i sits at index i * (grid_h * grid_w) + j, which is what Eq. 2's per-slice average uses.
+    """
+
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = tuple(config.volume_patch_size)
+        self.grid = tuple(config.volume_grid)
+        self.projection = nn.Conv3d(
+            config.volume_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_volume_patches, config.hidden_size))
+
+    def forward(self, volume_values: torch.Tensor) -> torch.Tensor:
+        _check_input(volume_values, "volume_values", 5, self.config.volume_channels, self.patch_size)
+        volume_values = volume_values.to(self.projection.weight.dtype)
+        tokens = self.projection(volume_values).flatten(2).transpose(1, 2)
+        grid = tuple(s // p for s, p in zip(volume_values.shape[2:], self.patch_size))
+        return tokens + interpolate_position_embedding(self.position_embedding, self.grid, grid)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def cls_attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-averaged attention of the [CLS] query over the patch keys, from q_cls . K^T only.
+
+    Costs O(N) per head instead of the O(N^2) attention matrix, so the main attention can stay in SDPA/flash kernels.
+    """
+    scores = torch.matmul(query[:, :, :1].float(), key.float().transpose(-1, -2)) * scaling  # (B, heads, 1, N)
+    return scores.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+
+
+class UniMedIAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (the layout of timm's ViT, so its weights map 1:1)."""
+
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_cls_attention: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        attn_output = self.proj(attn_output.reshape(batch, length, -1))
+        cls_attention = cls_attention_row(query, key, self.scaling) if output_cls_attention else None
+        return attn_output, attn_weights, cls_attention
+
+
+class UniMedIMLP(nn.Module):
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class UniMedIEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block of the shared backbone E_v."""
+
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = UniMedIAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = UniMedIMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_cls_attention: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, _, cls_attention = self.attention(
+            self.norm1(hidden_states), output_cls_attention=output_cls_attention, **kwargs
+        )
+        hidden_states = hidden_states + self.dropout(attn_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.norm2(hidden_states)))
+        return hidden_states, cls_attention
+
+
+class UniMedIEncoder(nn.Module):
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([UniMedIEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_cls_attention: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run all layers; with `output_cls_attention`, also return Eq. 1 (the layer average of the [CLS] rows)."""
+        summed = None
+        for layer in self.layers:
+            hidden_states, cls_attention = layer(hidden_states, output_cls_attention=output_cls_attention, **kwargs)
+            if cls_attention is not None:
+                summed = cls_attention if summed is None else summed + cls_attention
+        return hidden_states, None if summed is None else summed / len(self.layers)
+
+
+class UniMedIPreTrainedModel(PreTrainedModel):
+    config: UniMedIConfig
+    base_model_prefix = "unimedi"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniMedIEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": UniMedIEncoderLayer,
+        "attentions": OutputRecorder(UniMedIAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, (UniMedIImagePatchEmbeddings, UniMedIVolumePatchEmbeddings)):
+            init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
+        elif isinstance(module, UniMedIVisionModel):
+            init.trunc_normal_(module.cls_token, std=module.config.initializer_range)
+        elif isinstance(module, UniMedIModel):
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+class UniMedIVisionModel(UniMedIPreTrainedModel):
+    """The vision encoder: T_2D and T_3D feed one shared backbone E_v that starts with a [CLS] token.
+
+    Accepts X-rays alone, volumes alone, or a volume together with 2D images of the same sample (the pseudo-pair pass
+    of §3.3), whose tokens are concatenated after the 3D tokens in one sequence.
+    """
+
+    config: UniMedIVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "video")
+
+    def __init__(self, config: UniMedIVisionConfig):
+        super().__init__(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.image_embeddings = UniMedIImagePatchEmbeddings(config)
+        self.volume_embeddings = UniMedIVolumePatchEmbeddings(config)
+        self.encoder = UniMedIEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.image_embeddings.projection
+
+    def embed_patches(
+        self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch tokens (no [CLS]) of a volume, of 2D images, or of a volume followed by its 2D images.
+
+        `pixel_values` is (B, C, H, W), or (B, k, C, H, W) for k images per sample (e.g. k selected CT slices).
+        """
+        parts = []
+        if volume_values is not None:
+            parts.append(self.volume_embeddings(volume_values))
+        if pixel_values is not None:
+            if pixel_values.ndim == 5:
+                batch, num_images = pixel_values.shape[:2]
+                tokens = self.image_embeddings(pixel_values.flatten(0, 1))
+                parts.append(tokens.unflatten(0, (batch, num_images)).flatten(1, 2))
+            else:
+                parts.append(self.image_embeddings(pixel_values))
+        if not parts:
+            raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(
+                f"A combined 3D+2D sequence needs one volume per sample: got {parts[0].shape[0]} volumes and "
+                f"{parts[1].shape[0]} samples of 2D images"
+            )
+        return torch.cat(parts, dim=1)
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        volume_values: torch.Tensor | None = None,
+        keep_token_indices: torch.LongTensor | None = None,
+        output_cls_attention: bool = False,
+        **kwargs,
+    ) -> UniMedIVisionModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)` or `(batch, k, channels, height, width)`):
+            X-rays, or k 2D images per sample to append after the sample's 3D tokens.
+        volume_values (`torch.FloatTensor` of shape `(batch, volume_channels, depth, height, width)`): CT volumes.
+        keep_token_indices (`torch.LongTensor` of shape `(batch, num_kept)`, *optional*):
+            Indices into the patch tokens (before [CLS] is prepended) that the backbone sees; the rest are dropped, so a
+            masked student pass is also a cheaper pass (§3.4).
+        output_cls_attention (`bool`): also return Eq. 1's [CLS]->patch attention averaged over layers and heads.
+        """
+        tokens = self.embed_patches(pixel_values, volume_values)
+        if keep_token_indices is not None:
+            tokens = tokens.gather(1, keep_token_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        hidden_states = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        hidden_states, cls_attention = self.encoder(hidden_states, output_cls_attention=output_cls_attention, **kwargs)
+        hidden_states = self.post_layernorm(hidden_states)
+        return UniMedIVisionModelOutput(
+            last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], cls_attention=cls_attention
+        )
+
+
+def build_text_model(text_config) -> PreTrainedModel:
+    """The report encoder E_l from any transformers text-encoder config, without an unused pooler head.
+
+    UniMedI pools the [CLS] hidden state itself; a BERT pooler would be parameters without gradients, which
+    DistributedDataParallel reports as unused.
+    """
+    model_class = MODEL_MAPPING[type(text_config)]
+    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+    return AutoModel.from_config(text_config, **kwargs)
+
+
+class UniMedIModel(UniMedIPreTrainedModel):
+    """Vision encoder + report encoder + projections into the common space; `forward` takes a mixed 2D/3D batch."""
+
+    config: UniMedIConfig
+
+    def __init__(self, config: UniMedIConfig):
+        super().__init__(config)
+        self.vision_model = UniMedIVisionModel._from_config(config.vision_config)
+        self.text_model = build_text_model(config.text_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def _project_vision(self, outputs: UniMedIVisionModelOutput) -> UniMedIVisionModelOutput:
+        outputs.pooler_output = self.visual_projection(outputs.pooler_output)
+        return outputs
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> UniMedIVisionModelOutput:
+        r"""X-ray embeddings: `pooler_output` is the projected [CLS] (not normalised), shape (batch, projection_dim)."""
+        return self._project_vision(self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs))
+
+    @can_return_tuple
+    def get_volume_features(
+        self, volume_values: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs
+    ) -> UniMedIVisionModelOutput:
+        r"""CT embeddings: `pooler_output` is the projected [CLS] of the 3D tokens (followed by the sample's 2D tokens
+        when `pixel_values` of shape (batch, k, C, H, W) is given), shape (batch, projection_dim)."""
+        return self._project_vision(
+            self.vision_model(volume_values=volume_values, pixel_values=pixel_values, return_dict=True, **kwargs)
+        )
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""Report embeddings: `pooler_output` is the projected [CLS] hidden state, shape (batch, projection_dim)."""
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.text_projection(outputs.last_hidden_state[:, 0]),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        volume_values: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> UniMedIOutput:
+        r"""
+        A mixed batch: `pixel_values` (num_images, C, H, W) X-rays and/or `volume_values` (num_volumes, 1, D, H, W)
+        CTs, and one report per sample in `input_ids`, the X-rays' reports first, then the volumes'.
+        return_loss (`bool`, *optional*): also return the symmetric CLIP loss L_vl over all samples.
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` (one report per X-ray/volume) are required")
+        image_outputs = self.get_image_features(pixel_values, **kwargs) if pixel_values is not None else None
+        volume_outputs = self.get_volume_features(volume_values, **kwargs) if volume_values is not None else None
+        visual = [o.pooler_output for o in (image_outputs, volume_outputs) if o is not None]
+        if not visual:
+            raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        num_volumes = 0 if volume_values is None else volume_values.shape[0]
+        if input_ids.shape[0] != num_images + num_volumes:
+            raise ValueError(
+                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
+                "report per sample, the X-rays' reports first, then the volumes'"
+            )
+        text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
+
+        vision_embeds = F.normalize(torch.cat(visual), dim=-1)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_image = self.logit_scale.exp() * vision_embeds @ text_embeds.t()
+        return UniMedIOutput(
+            loss=contrastive_loss(logits_per_image) if return_loss else None,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_embeds=vision_embeds[:num_images] if num_images else None,
+            volume_embeds=vision_embeds[num_images:] if num_volumes else None,
+            text_embeds=text_embeds,
+            image_model_output=image_outputs,
+            volume_model_output=volume_outputs,
+            text_model_output=text_outputs,
+        )
+
+
+__all__ = ["UniMedIPreTrainedModel", "UniMedIVisionModel", "UniMedIModel"]

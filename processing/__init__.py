@@ -1,0 +1,1 @@
+"""Dataset preparation for UniMedI: raw public datasets -> sharded, streamable Hugging Face datasets."""

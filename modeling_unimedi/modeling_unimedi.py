@@ -357,15 +357,14 @@ class UniMedIVisionModel(UniMedIPreTrainedModel):
         )
 
 
-def build_text_model(text_config) -> PreTrainedModel:
-    """The report encoder E_l from any transformers text-encoder config, without an unused pooler head.
+def text_encoder_kwargs(text_config) -> dict:
+    """Init kwargs that drop the text encoder's pooler head where the architecture has one.
 
     UniMedI pools the [CLS] hidden state itself; a BERT pooler would be parameters without gradients, which
     DistributedDataParallel reports as unused.
     """
     model_class = MODEL_MAPPING[type(text_config)]
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
-    return AutoModel.from_config(text_config, **kwargs)
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
 
 
 class UniMedIModel(UniMedIPreTrainedModel):
@@ -376,11 +375,34 @@ class UniMedIModel(UniMedIPreTrainedModel):
     def __init__(self, config: UniMedIConfig):
         super().__init__(config)
         self.vision_model = UniMedIVisionModel._from_config(config.vision_config)
-        self.text_model = build_text_model(config.text_config)
+        self.text_model = AutoModel.from_config(config.text_config, **text_encoder_kwargs(config.text_config))
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+
+    @classmethod
+    def from_pretrained_parts(
+        cls, vision_checkpoint=None, text_checkpoint: str | None = None, **config_kwargs
+    ) -> "UniMedIModel":
+        """A new model whose vision encoder starts from a timm ViT and/or whose text encoder is a pretrained BERT.
+
+        `vision_checkpoint`: a timm model, a timm state-dict file (.safetensors/.pth), or a timm model name (downloads);
+        both tokenizers are initialised from its patch embedding (the 3D one by inflation). `text_checkpoint`: a local
+        folder or Hub id of any BERT-family encoder; its config becomes `text_config`. Other kwargs go to the config.
+        """
+        from .convert_unimedi import load_text_encoder, load_timm_state_dict, vision_state_dict_from_timm
+
+        text_encoder = load_text_encoder(text_checkpoint) if text_checkpoint is not None else None
+        if text_encoder is not None:
+            config_kwargs["text_config"] = text_encoder.config
+        model = cls(UniMedIConfig(**config_kwargs))
+        if vision_checkpoint is not None:
+            timm_state = load_timm_state_dict(vision_checkpoint)
+            model.vision_model.load_state_dict(vision_state_dict_from_timm(timm_state, model.config.vision_config))
+        if text_encoder is not None:
+            model.text_model.load_state_dict(text_encoder.state_dict())
+        return model
 
     def _project_vision(self, outputs: UniMedIVisionModelOutput) -> UniMedIVisionModelOutput:
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)

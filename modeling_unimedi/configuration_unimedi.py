@@ -103,8 +103,22 @@ class UniMedIConfig(PreTrainedConfig):
         projection_dim: size of the common image/volume/report space.
         logit_scale_init_value: initial log of the inverse CLIP temperature (log(1/0.07), as CLIP).
         text_pooling: how a report becomes one vector before projection; "cls" takes the [CLS] hidden state.
-        num_selected_slices, slice_selection, mask_ratio, ...: pretraining fields read by [`UniMedIForPreTraining`]
-            (attentive slice selection, attention-guided masking, self-distillation); unused at inference.
+
+    Pretraining fields, read by [`UniMedIForPreTraining`] only (the paper gives no number for most of them; defaults
+    follow the cited sources — DINO, iBOT, Attentive Mask CLIP — and are noted here):
+        num_selected_slices: k, how many depth slabs of each CT become pseudo-2D images (§3.2). Default 2 of 8 slabs
+            (25%), close to the top-20% the authors used in their slice-selection check.
+        slice_selection: "attentive" (Eq. 1-2 on the teacher's [CLS] attention) or "random" (the paper's VL ablation).
+        self_distillation: add L_icl and L_pcl with an EMA teacher (§3.4); off = the VL-only ablation (no teacher).
+        token_masking: which tokens the student keeps: "attentive" (highest teacher attention, §3.4), "random", or
+            "none" (the student sees every token).
+        mask_ratio: share of patch tokens dropped from the student's input (0.5, as Attentive Mask CLIP).
+        dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head sizes (iBOT ViT-B: 8192 prototypes).
+        student_temperature, teacher_temperature, teacher_temperature_warmup, teacher_temperature_warmup_steps:
+            DINO temperatures; the teacher's rises linearly from the warmup value over the warmup steps.
+        center_momentum: EMA momentum of the DINO centres. ema_momentum: the teacher's starting EMA momentum,
+            raised to 1 on a cosine schedule over training (DINO).
+        vl_loss_weight, icl_loss_weight, pcl_loss_weight: weights of L_vl, L_icl, L_pcl in the total loss.
     """
 
     model_type = "unimedi"
@@ -119,11 +133,49 @@ class UniMedIConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
     text_pooling: Literal["cls"] = "cls"
 
+    num_selected_slices: int = 2
+    slice_selection: Literal["attentive", "random"] = "attentive"
+    self_distillation: bool = True
+    token_masking: Literal["attentive", "random", "none"] = "attentive"
+    mask_ratio: float = 0.5
+    dino_out_dim: int = 8192
+    dino_hidden_dim: int = 2048
+    dino_bottleneck_dim: int = 256
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.07
+    teacher_temperature_warmup: float = 0.04
+    teacher_temperature_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    ema_momentum: float = 0.996
+    vl_loss_weight: float = 1.0
+    icl_loss_weight: float = 1.0
+    pcl_loss_weight: float = 1.0
+
     def validate_architecture(self):
         if self.projection_dim <= 0:
             raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
         if not hasattr(self.text_config, "hidden_size"):
             raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
+        num_slabs = self.vision_config.volume_grid[0]
+        if not 0 <= self.num_selected_slices <= num_slabs:
+            raise ValueError(f"num_selected_slices must be in [0, {num_slabs}] (depth slabs), got {self.num_selected_slices}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.ema_momentum <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
+            raise ValueError("ema_momentum and center_momentum must be in [0, 1]")
+
+    @classmethod
+    def for_ablation(cls, setting: Literal["vl", "vl+sd", "vl+sd+attn"], **kwargs) -> "UniMedIConfig":
+        """The rows of the paper's Table 7: VL (L_vl, random slices), VL+SD (+ self-distillation), VL+SD+Attn
+        (+ attentive slice selection and attention-guided masking; the full method)."""
+        presets = {
+            "vl": dict(self_distillation=False, slice_selection="random", token_masking="none"),
+            "vl+sd": dict(self_distillation=True, slice_selection="random", token_masking="random"),
+            "vl+sd+attn": dict(self_distillation=True, slice_selection="attentive", token_masking="attentive"),
+        }
+        if setting not in presets:
+            raise ValueError(f"unknown ablation setting {setting!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[setting], **kwargs})
 
 
 __all__ = ["UniMedIConfig", "UniMedIVisionConfig"]

@@ -36,3 +36,32 @@ def gathered_contrastive_loss(
     text_to_image = scale * text_embeds @ all_images.t()
     targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
+
+
+def dino_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """DINO cross-entropy between the centred, sharpened teacher distribution and the student's, over the last dim.
+
+    Works for [CLS] outputs (batch, dim) (L_icl) and patch outputs (batch, tokens, dim) (L_pcl), averaging over every
+    leading dimension. The teacher side carries no gradient.
+    """
+    teacher_probs = F.softmax((teacher_logits.detach().float() - center) / teacher_temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    return -(teacher_probs * student_log_probs).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """EMA of the teacher outputs' mean over the global batch (all ranks), in place; prevents DINO collapse."""
+    flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
+    total = flat.sum(dim=0, keepdim=True)
+    count = torch.tensor(float(flat.shape[0]), device=flat.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(total / count.clamp(min=1), alpha=1 - momentum)

@@ -2,6 +2,7 @@
 projections into one common space trained with a CLIP loss (paper §3.1, §3.3)."""
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -327,6 +328,16 @@ class UniMedIVisionModel(UniMedIPreTrainedModel):
                 f"{parts[1].shape[0]} samples of 2D images"
             )
         return torch.cat(parts, dim=1)
+
+    def num_patch_tokens(self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None) -> int:
+        """Length of the patch-token sequence (no [CLS]) that `embed_patches` makes for inputs of these shapes."""
+        count = 0
+        if volume_values is not None:
+            count += math.prod(s // p for s, p in zip(volume_values.shape[2:], self.volume_embeddings.patch_size))
+        if pixel_values is not None:
+            images_per_sample = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
+            count += images_per_sample * math.prod(s // p for s, p in zip(pixel_values.shape[-2:], self.image_embeddings.patch_size))
+        return count
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(

@@ -12,6 +12,14 @@ BIO_CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
 BIO_CLINICAL_BERT_TEXT_CONFIG = {"vocab_size": 28996, "_name_or_path": BIO_CLINICAL_BERT}
 
 
+# The rows of the paper's Table 7 as UniMedIConfig fields.
+ABLATION_SETTINGS = {
+    "vl": dict(self_distillation=False, slice_selection="random", token_masking="none"),
+    "vl+sd": dict(self_distillation=True, slice_selection="random", token_masking="random"),
+    "vl+sd+attn": dict(self_distillation=True, slice_selection="attentive", token_masking="attentive"),
+}
+
+
 def _as_tuple(value, length: int, name: str) -> tuple[int, ...]:
     values = (value,) * length if isinstance(value, int) else tuple(value)
     if len(values) != length or not all(isinstance(v, int) and v > 0 for v in values):
@@ -168,14 +176,9 @@ class UniMedIConfig(PreTrainedConfig):
     def for_ablation(cls, setting: Literal["vl", "vl+sd", "vl+sd+attn"], **kwargs) -> "UniMedIConfig":
         """The rows of the paper's Table 7: VL (L_vl, random slices), VL+SD (+ self-distillation), VL+SD+Attn
         (+ attentive slice selection and attention-guided masking; the full method)."""
-        presets = {
-            "vl": dict(self_distillation=False, slice_selection="random", token_masking="none"),
-            "vl+sd": dict(self_distillation=True, slice_selection="random", token_masking="random"),
-            "vl+sd+attn": dict(self_distillation=True, slice_selection="attentive", token_masking="attentive"),
-        }
-        if setting not in presets:
-            raise ValueError(f"unknown ablation setting {setting!r}; choose one of {sorted(presets)}")
-        return cls(**{**presets[setting], **kwargs})
+        if setting not in ABLATION_SETTINGS:
+            raise ValueError(f"unknown ablation setting {setting!r}; choose one of {sorted(ABLATION_SETTINGS)}")
+        return cls(**{**ABLATION_SETTINGS[setting], **kwargs})
 
 
 __all__ = ["UniMedIConfig", "UniMedIVisionConfig"]

@@ -1,0 +1,200 @@
+"""training/: config files and overrides, streaming and mixing, atomic checkpoints, exact resume, two processes."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_configs import TINY_TEXT, TINY_VISION, minilm_path
+
+from modeling_unimedi import UniMedIModel
+from processing.schema import ct_record, xray_record
+from processing.shards import stream_split, write_shards
+from training import checkpointing
+from training.config import load_config
+from training.data import MixedBatches, ModalityStream, cts_in_batch
+
+
+def fabricated_shards(folder, num_xrays=24, num_cts=12, seed=0):
+    """Random X-rays (PNG) and on-grid CTs (int16 HU) with short reports, in several shards."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(num_xrays):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(png, format="PNG")
+        records.append(xray_record(sample_id=f"x{i}", source="test", split="train", report=f"X-ray report {i}. Lungs clear. No effusion.", image={"bytes": png.getvalue()}))
+    for i in range(num_cts):
+        volume = rng.integers(-1000, 400, size=TINY_VISION["volume_size"]).astype(np.float32)
+        records.append(ct_record(sample_id=f"c{i}", source="test", split="train", report=f"CT report {i}. Nodule. No effusion.", volume=volume, spacing=(2.0, 1.0, 1.0)))
+    order = rng.permutation(len(records))
+    write_shards([records[i] for i in order], folder, "train", records_per_shard=8)
+    return folder
+
+
+def tiny_run_args(data, output, **extra):
+    settings = {
+        "train_data": str(data),
+        "output_dir": str(output),
+        "text_checkpoint": "null",
+        "tokenizer": minilm_path(),
+        "max_length": 16,
+        "batch_size": 4,
+        "ct_fraction": 0.25,
+        "max_steps": 6,
+        "warmup_epochs": 0.2,
+        "learning_rate": 1e-3,
+        "save_every_steps": 2,
+        "log_every_steps": 1,
+        "report_to": "none",
+        "shuffle_buffer": 8,
+        "model_config.vision_config": json.dumps(dict(TINY_VISION, volume_size=list(TINY_VISION["volume_size"]))),
+        "model_config.text_config": json.dumps(dict(TINY_TEXT, vocab_size=30522)),
+        "model_config.projection_dim": 16,
+        "model_config.dino_out_dim": 32,
+        "model_config.dino_hidden_dim": 32,
+        "model_config.dino_bottleneck_dim": 16,
+        "model_config.num_selected_slices": 1,
+    }
+    settings.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_training(args, launcher=None, env_extra=None):
+    command = (launcher or [sys.executable, "-m"]) + ["training.pretrain"] + args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def losses(output):
+    return {r["step"]: r for r in map(json.loads, (output / "train_log.jsonl").read_text().splitlines())}
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1.0e-3\nmodel_config:\n  mask_ratio: 0.75\n")
+    config = load_config(path, ["batch_size=8", "model_config.num_selected_slices=3", "ablation=vl"])
+    assert (config.learning_rate, config.batch_size, config.ablation) == (1e-3, 8, "vl")
+    assert config.model_config == {"mask_ratio": 0.75, "num_selected_slices": 3}
+    assert config.weight_decay == 0.05  # paper default kept
+    with pytest.raises(ValueError, match="unknown setting 'batchsize'"):
+        load_config(path, ["batchsize=8"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(path, ["batch_size"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml", [])
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(16, 0.25), (6, 0.1), (4, 1 / 3), (144, 0.125)])
+def test_mixing_ratio_holds_over_many_batches(batch_size, fraction):
+    counts = [cts_in_batch(i, batch_size, fraction) for i in range(997)]
+    assert set(counts) <= {int(batch_size * fraction), int(batch_size * fraction) + 1}
+    assert abs(sum(counts) - 997 * batch_size * fraction) <= 1
+
+
+def test_mixed_batches_from_streamed_shards(tmp_path):
+    fabricated_shards(tmp_path)
+    batches = MixedBatches(str(tmp_path), "train", batch_size=4, ct_fraction=0.25, buffer=8)
+    drawn = [batches.next_batch() for _ in range(20)]  # 60 X-rays over 24 records, 20 CTs over 12: wraps epochs
+    assert all(len(x) + len(c) == 4 for x, c in drawn)
+    assert sum(len(c) for _, c in drawn) == 20
+    assert all(r["modality"] == "xray" for x, _ in drawn for r in x)
+    assert all(r["modality"] == "ct" for _, c in drawn for r in c)
+    first_epoch = [r["sample_id"] for x, _ in drawn for r in x][:24]
+    assert sorted(first_epoch) == sorted(f"x{i}" for i in range(24))  # every X-ray once per epoch
+
+
+def test_stream_resumes_exactly_where_it_stopped(tmp_path):
+    fabricated_shards(tmp_path)
+    reference = ModalityStream(str(tmp_path), "train", "xray", 0, 1, seed=3, buffer=8)
+    expected = [r["sample_id"] for r in reference.take(40)]
+    stream = ModalityStream(str(tmp_path), "train", "xray", 0, 1, seed=3, buffer=8)
+    head = [r["sample_id"] for r in stream.take(29)]
+    resumed = ModalityStream(str(tmp_path), "train", "xray", 0, 1, seed=3, buffer=8)
+    resumed.load_state_dict(stream.state_dict())
+    assert head + [r["sample_id"] for r in resumed.take(11)] == expected
+
+
+def test_ranks_read_disjoint_shards(tmp_path):
+    fabricated_shards(tmp_path)
+    seen = [{r["sample_id"] for r in ModalityStream(str(tmp_path), "train", "xray", rank, 2, 0, 8).take(12)} for rank in (0, 1)]
+    assert not seen[0] & seen[1]
+
+
+def test_streaming_round_trip_keeps_the_volume(tmp_path):
+    fabricated_shards(tmp_path)
+    from processing.schema import decode_volume
+
+    cts = [r for r in stream_split(tmp_path, "train") if r["modality"] == "ct"]
+    assert len(cts) == 12 and decode_volume(cts[0]).shape == TINY_VISION["volume_size"]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_incomplete_and_corrupted_checkpoints_are_skipped(tmp_path):
+    for step in (2, 4):
+        tmp = checkpointing.temporary_dir(tmp_path, step)
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(os.urandom(64))
+        checkpointing.finalize(tmp, checkpointing.checkpoint_dir(tmp_path, step), step)
+    assert checkpointing.latest_complete(tmp_path).name == "step-00000004"
+    corrupted = checkpointing.checkpoint_dir(tmp_path, 4) / "model.safetensors"
+    corrupted.write_bytes(corrupted.read_bytes()[:-1] + b"x")
+    unsealed = checkpointing.checkpoint_dir(tmp_path, 6)  # e.g. copied by hand without its manifest
+    unsealed.mkdir()
+    (unsealed / "model.safetensors").write_bytes(b"partial")
+    assert checkpointing.latest_complete(tmp_path).name == "step-00000002"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
+    data = fabricated_shards(tmp_path / "data")
+    run_training(tiny_run_args(data, tmp_path / "straight"))
+    run_training(tiny_run_args(data, tmp_path / "resumed", stop_after_step=4))
+    assert not (tmp_path / "resumed" / "final").exists()
+    # the newest checkpoint is damaged: resuming must fall back to step 2 and still match
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000004"
+    (checkpoint / "model.safetensors").write_bytes(b"truncated")
+    run_training(tiny_run_args(data, tmp_path / "resumed") + ["--resume"])
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    for step in range(3, 7):
+        for key in ("loss", "vl_loss", "icl_loss", "pcl_loss"):
+            assert resumed[step][key] == pytest.approx(straight[step][key], abs=1e-5), (step, key)
+    model = UniMedIModel.from_pretrained(tmp_path / "resumed" / "final")
+    assert model.config.vision_config.hidden_size == TINY_VISION["hidden_size"]
+    assert (tmp_path / "resumed" / "final" / "README.md").read_text().count("## This checkpoint") == 1
+    reference = UniMedIModel.from_pretrained(tmp_path / "straight" / "final").state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(tensor, reference[name], atol=1e-5), name
+
+
+def test_two_cpu_processes(tmp_path):
+    """Two gloo processes via torchrun (`accelerate launch --cpu --num_processes 2` starts only one process without
+    mpirun; Accelerate picks up torchrun's environment as MULTI_CPU)."""
+    data = fabricated_shards(tmp_path / "data")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+    run_training(
+        tiny_run_args(data, tmp_path / "ddp", max_steps=2, save_every_steps=2),
+        launcher=launcher,
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-00000002").glob("data_state_rank*.json")) == [
+        "data_state_rank0.json",
+        "data_state_rank1.json",
+    ]
+    UniMedIModel.from_pretrained(tmp_path / "ddp" / "final")

@@ -1,0 +1,98 @@
+"""Pretraining settings: one dataclass whose defaults are the paper's (§4.1), a YAML/JSON file, and CLI overrides."""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class PretrainConfig:
+    # data
+    train_data: str = "data/groundtruth"  # folder of `train-*.parquet` shards, or a Hub dataset id
+    train_split: str = "train"
+    ct_fraction: float = 0.125  # share of CTs in every batch; CTs are ~25x scarcer than X-rays, so they repeat more
+    shuffle_buffer: int = 1000
+    generate_default_data: bool = True  # build the ground-truth benchmark data if `train_data` is missing
+    # model
+    model_config: dict = field(default_factory=dict)  # UniMedIConfig overrides (sizes, ablation switches, ...)
+    ablation: str = "vl+sd+attn"  # a row of Table 7: "vl", "vl+sd", "vl+sd+attn"
+    vision_checkpoint: str | None = None  # timm ViT name or state-dict file (ImageNet init in the paper)
+    text_checkpoint: str | None = "emilyalsentzer/Bio_ClinicalBERT"  # BERT-family folder or Hub id
+    tokenizer: str | None = None  # defaults to text_checkpoint
+    max_length: int = 256
+    # optimisation (paper: AdamW, lr 2e-5, weight decay 0.05, 20 warm-up epochs then cosine, batch 144, 50 epochs)
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.05
+    batch_size: int = 144  # global, across processes and accumulation steps
+    num_epochs: float = 50.0
+    warmup_epochs: float = 20.0
+    max_steps: int | None = None  # overrides num_epochs when set
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 3.0  # DINO's clip value; the paper gives none
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # checkpoints and logs
+    output_dir: str = "outputs/pretrain"
+    save_every_steps: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after_step: int | None = None  # end this run cleanly after this step's checkpoint (preemptible jobs)
+    log_every_steps: int = 10
+    report_to: str = "auto"  # "auto" (tensorboard if installed), "none", or an Accelerate tracker name
+
+    def __post_init__(self):
+        if not 0.0 <= self.ct_fraction <= 1.0:
+            raise ValueError(f"ct_fraction must be in [0, 1], got {self.ct_fraction}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
+    """Settings from a YAML/JSON file (default: the CPU demo), then `key=value` overrides parsed as YAML values."""
+    values = {}
+    path = DEMO_CONFIG if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values.update(yaml.safe_load(path.read_text()) or {})
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        if key.startswith("model_config."):
+            values.setdefault("model_config", {})[key.split(".", 1)[1]] = yaml.safe_load(raw)
+            continue
+        if key not in known:
+            raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        values[key] = yaml.safe_load(raw)
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}")
+    return PretrainConfig(**values)
+
+
+def parse_args(argv=None) -> PretrainConfig:
+    parser = argparse.ArgumentParser(
+        description="UniMedI pretraining (run with `accelerate launch`). Without --config, the CPU demo settings.",
+        epilog="Overrides: key=value, e.g. max_steps=100 model_config.mask_ratio=0.75 ablation=vl",
+    )
+    parser.add_argument("--config", help="YAML/JSON settings file (see training/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.resume:
+        config.resume = True
+    return config
+
+
+def to_json(config: PretrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

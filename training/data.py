@@ -1,0 +1,139 @@
+"""Streaming input for pretraining: per-rank X-ray and CT streams, mixed at a fixed ratio, collated by the processor.
+
+Every rank reads its own shards (`split_dataset_by_node`), nothing is routed through rank 0, and the position of each
+stream is a small state that checkpoints store, so a resumed run sees exactly the batches it would have seen.
+"""
+
+import io
+import math
+from pathlib import Path
+
+from datasets import Image, load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image as PILImage
+
+from processing.schema import CT, FEATURES, XRAY, decode_volume
+
+
+def shard_files(data: str, split: str) -> list[str] | None:
+    """Local `{split}-*.parquet` shards of a folder, or None when `data` names a Hub dataset."""
+    folder = Path(data)
+    if not folder.exists():
+        return None
+    files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no '{split}-*.parquet' shards in {folder}")
+    return files
+
+
+class ModalityStream:
+    """An endless, resumable stream of one modality's records for one rank.
+
+    Epoch e is the split reshuffled with seed + e (shard order and a shuffle buffer) and sharded across ranks. The state
+    is (epoch, position); resuming rebuilds that epoch's stream and skips `position` undecoded records.
+    """
+
+    def __init__(self, data: str, split: str, modality: str, rank: int, world_size: int, seed: int, buffer: int):
+        self.data, self.split, self.modality = data, split, modality
+        self.rank, self.world_size, self.seed, self.buffer = rank, world_size, seed, buffer
+        self.epoch = 0
+        self.position = 0
+        self._iterator = None
+
+    def _open_epoch(self):
+        files = shard_files(self.data, self.split)
+        if files is None:
+            dataset = load_dataset(self.data, split=self.split, streaming=True)
+        else:
+            dataset = load_dataset("parquet", data_files={self.split: files}, split=self.split, streaming=True, features=FEATURES)
+        dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
+        dataset = dataset.filter(lambda record: record["modality"] == self.modality)
+        dataset = dataset.shuffle(seed=self.seed, buffer_size=self.buffer)
+        dataset.set_epoch(self.epoch)
+        dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
+        return iter(dataset.skip(self.position) if self.position else dataset)
+
+    def take(self, count: int) -> list[dict]:
+        records = []
+        while len(records) < count:
+            if self._iterator is None:
+                self._iterator = self._open_epoch()
+            try:
+                records.append(next(self._iterator))
+                self.position += 1
+            except StopIteration:
+                if self.position == 0:
+                    raise ValueError(
+                        f"no {self.modality} records for rank {self.rank}/{self.world_size} in {self.data} "
+                        f"(split {self.split!r}); set ct_fraction to 0 or 1 if the data holds one modality"
+                    ) from None
+                self.epoch, self.position, self._iterator = self.epoch + 1, 0, None
+        return records
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._iterator = int(state["epoch"]), int(state["position"]), None
+
+
+def cts_in_batch(batch_index: int, batch_size: int, ct_fraction: float) -> int:
+    """CTs in batch `batch_index`: floor((i+1)·B·f) - floor(i·B·f), so every batch has floor or ceil of B·f CTs and
+    any run of batches has the exact ratio up to one sample (also when B·f < 1)."""
+    return math.floor((batch_index + 1) * batch_size * ct_fraction + 1e-9) - math.floor(
+        batch_index * batch_size * ct_fraction + 1e-9
+    )
+
+
+class MixedBatches:
+    """Per-rank batches of `batch_size` records with X-rays and CTs mixed at `ct_fraction`."""
+
+    def __init__(self, data: str, split: str, batch_size: int, ct_fraction: float, rank=0, world_size=1, seed=0, buffer=1000):
+        self.batch_size, self.ct_fraction = batch_size, ct_fraction
+        self.xrays = ModalityStream(data, split, XRAY, rank, world_size, seed, buffer)
+        self.cts = ModalityStream(data, split, CT, rank, world_size, seed + 1, buffer)
+        self.batches_drawn = 0
+
+    def next_batch(self) -> tuple[list[dict], list[dict]]:
+        num_cts = cts_in_batch(self.batches_drawn, self.batch_size, self.ct_fraction)
+        cts = self.cts.take(num_cts) if num_cts else []
+        xrays = self.xrays.take(self.batch_size - num_cts) if num_cts < self.batch_size else []
+        self.batches_drawn += 1
+        return xrays, cts
+
+    def state_dict(self) -> dict:
+        return {"batches_drawn": self.batches_drawn, "xrays": self.xrays.state_dict(), "cts": self.cts.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_drawn = int(state["batches_drawn"])
+        self.xrays.load_state_dict(state["xrays"])
+        self.cts.load_state_dict(state["cts"])
+
+
+class PretrainCollator:
+    """Records -> model inputs through `UniMedIProcessor` (X-rays first, then CTs, reports in the same order)."""
+
+    def __init__(self, processor, training: bool = True):
+        self.processor = processor
+        self.training = training
+
+    def __call__(self, xrays: list[dict], cts: list[dict]):
+        images = [_decode_image(record) for record in xrays]
+        volumes = [decode_volume(record) for record in cts]
+        return self.processor(
+            images=images or None,
+            volumes=volumes or None,
+            text=[record["report"] for record in xrays + cts],
+            training=self.training,
+            return_tensors="pt",
+        )
+
+
+def _decode_image(record: dict) -> PILImage.Image:
+    image = record["image"]
+    if image is None or image.get("bytes") is None:
+        raise ValueError(f"X-ray record {record.get('sample_id')!r} holds no image bytes")
+    try:
+        return PILImage.open(io.BytesIO(image["bytes"]))
+    except OSError as error:
+        raise ValueError(f"X-ray record {record.get('sample_id')!r}: cannot decode its image ({error})") from error

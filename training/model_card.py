@@ -1,0 +1,37 @@
+"""A model card for a finished pretraining run: the project's card plus this run's data, steps and settings."""
+
+import json
+from pathlib import Path
+
+PROJECT_CARD = Path(__file__).resolve().parents[1] / "model_card.md"
+
+
+def _data_summary(train_data: str) -> str:
+    manifest = Path(train_data) / "manifest.json"
+    if manifest.is_file():
+        return "```json\n" + json.dumps(json.loads(manifest.read_text()), indent=2)[:4000] + "\n```"
+    return f"`{train_data}` (no manifest.json found)"
+
+
+def write_model_card(path: Path, config, total_steps: int, log_file: Path) -> None:
+    last = {}
+    if log_file.is_file():
+        lines = log_file.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    project = PROJECT_CARD.read_text() if PROJECT_CARD.is_file() else "# UniMedI\n"
+    run = f"""
+## This checkpoint
+
+- Data: `{config.train_data}` (split `{config.train_split}`), {config.ct_fraction:.3f} of every batch CT.
+- Objective: `{config.ablation}` (Table 7 row); model overrides: `{json.dumps(config.model_config)}`.
+- Initialisation: vision `{config.vision_checkpoint or "random"}`, text `{config.text_checkpoint}`.
+- Optimisation: AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, global batch {config.batch_size},
+  {total_steps} steps, warm-up {config.warmup_epochs} epoch(s) then cosine, precision `{config.mixed_precision}`,
+  seed {config.seed}.
+- Last logged step: `{json.dumps(last)}`
+
+Data summary:
+
+{_data_summary(config.train_data)}
+"""
+    path.write_text(project.rstrip() + "\n" + run)

@@ -1,0 +1,253 @@
+"""UniMedI pretraining with Accelerate (one process, multi-GPU DDP; FSDP/DeepSpeed through `accelerate config`).
+
+    python -m training.pretrain                        # CPU demo on the embedded ground-truth data (a few minutes)
+    accelerate launch -m training.pretrain --config training/configs/paper.yaml train_data=/data/unimedi
+    python -m training.pretrain --resume               # continue from the last complete checkpoint
+
+Writes `checkpoints/step-*` (atomic, verified on resume), `train_log.jsonl`, tracker logs, and `final/` with the
+model (`UniMedIModel.from_pretrained("…/final")` loads it), the processor and a filled-in model card.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+from modeling_unimedi import UniMedIForPreTraining, UniMedIModel
+from modeling_unimedi.configuration_unimedi import ABLATION_SETTINGS
+from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
+from modeling_unimedi.processing_unimedi import UniMedIProcessor
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+from training import checkpointing
+from training.config import PretrainConfig, parse_args, to_json
+from training.data import MixedBatches, PretrainCollator, shard_files
+from training.model_card import write_model_card
+
+logger = logging.getLogger("unimedi.pretrain")
+LOSS_KEYS = ("loss", "vl_loss", "icl_loss", "pcl_loss")
+
+
+def resolve_path(name: str | None) -> str | None:
+    """`pkg://package/sub/path` -> that path inside an installed package (e.g. the offline MiniLM BERT)."""
+    if name is None or not name.startswith("pkg://"):
+        return name
+    package, _, rest = name[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"{name}: package {package!r} is not installed (run `bash scripts/setup.sh`)")
+    return str(Path(spec.submodule_search_locations[0]) / rest)
+
+
+def ensure_default_data(config: PretrainConfig) -> None:
+    """Generate the ground-truth benchmark data when the configured default folder is missing."""
+    if Path(config.train_data).exists() or not config.generate_default_data:
+        return
+    from processing.groundtruth import GroundTruthConfig, generate
+
+    logger.info("generating the ground-truth benchmark data into %s", config.train_data)
+    generate(GroundTruthConfig(), config.train_data)
+
+
+def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
+    """A new pretraining model: the ablation's switches, config overrides, and pretrained parts if given."""
+    model_kwargs = {**ABLATION_SETTINGS[config.ablation], **config.model_config}
+    parts = UniMedIModel.from_pretrained_parts(
+        resolve_path(config.vision_checkpoint), resolve_path(config.text_checkpoint), **model_kwargs
+    )
+    model = UniMedIForPreTraining(parts.config)
+    model.unimedi.load_state_dict(parts.state_dict())
+    model.reset_teacher()
+    return model
+
+
+def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
+    """Processor matching the model's input sizes; the paper's 256 -> 224 resize/crop ratio for X-rays."""
+    vision = model_config.vision_config
+    return UniMedIProcessor(
+        image_processor=UniMedIImageProcessor(
+            longest_edge=round(vision.image_size * 256 / 224), crop_size=vision.image_size, num_channels=vision.num_channels
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(resolve_path(config.tokenizer or config.text_checkpoint)),
+        volume_processor=UniMedIVolumeProcessor(volume_size=tuple(vision.volume_size)),
+        max_length=config.max_length,
+    )
+
+
+def count_records(data: str, split: str) -> int:
+    """Records in the local shards (parquet metadata only); needed to turn epochs into steps."""
+    files = shard_files(data, split)
+    if files is None:
+        raise ValueError(f"{data} is not a local folder: set max_steps for a Hub dataset")
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, tokens, position tables and the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or name.endswith(("cls_token", "position_embedding", "logit_scale"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trackers(report_to: str) -> list[str]:
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    return [report_to]
+
+
+def train(config: PretrainConfig) -> Path:
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers(config.report_to) or None,
+        project_dir=str(output_dir),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        ensure_default_data(config)
+    accelerator.wait_for_everyone()
+
+    world = accelerator.num_processes
+    per_device = config.batch_size // (world * config.gradient_accumulation_steps)
+    if per_device < 1 or per_device * world * config.gradient_accumulation_steps != config.batch_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} must split evenly over {world} process(es) x "
+            f"{config.gradient_accumulation_steps} accumulation step(s)"
+        )
+    if config.max_steps is not None:
+        total_steps = config.max_steps
+        steps_per_epoch = total_steps / max(config.num_epochs, 1e-9)
+    else:
+        steps_per_epoch = math.ceil(count_records(config.train_data, config.train_split) / config.batch_size)
+        total_steps = math.ceil(config.num_epochs * steps_per_epoch)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+
+    model = build_model(config)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    processor = build_processor(config, model.config)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    pretraining_model: UniMedIForPreTraining = accelerator.unwrap_model(model)
+
+    batches = MixedBatches(
+        config.train_data, config.train_split, per_device, config.ct_fraction,
+        rank=accelerator.process_index, world_size=world, seed=config.seed, buffer=config.shuffle_buffer,
+    )
+    collate = PretrainCollator(processor, training=True)
+    checkpoints = output_dir / "checkpoints"
+    start_step = 0
+    if config.resume:
+        start_step = resume(accelerator, checkpoints, batches)
+
+    accelerator.init_trackers("unimedi-pretrain", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    log_file = output_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "pretrain_config.json").write_text(to_json(config))
+    model.train()
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process)
+    samples_seen = 0
+    started = time.perf_counter()
+    for step in range(start_step, total_steps):
+        totals = dict.fromkeys(LOSS_KEYS, 0.0)
+        for _ in range(config.gradient_accumulation_steps):
+            inputs = collate(*batches.next_batch()).to(accelerator.device)
+            with accelerator.accumulate(model):
+                out = model(**inputs)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for key in LOSS_KEYS:
+                if out[key] is not None:
+                    totals[key] += out[key].detach().float().item() / config.gradient_accumulation_steps
+            samples_seen += inputs["input_ids"].shape[0] * world
+        scheduler.step()
+        momentum = pretraining_model.update_teacher(total_steps)
+        record = {
+            "step": step + 1,
+            **{k: round(v, 6) for k, v in totals.items() if v},
+            "lr": scheduler.get_last_lr()[0],
+            "ema_momentum": momentum,
+            "samples_per_s": round(samples_seen / (time.perf_counter() - started), 3),
+        }
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
+            accelerator.log(record, step=step + 1)
+            logger.info(json.dumps(record))
+        if accelerator.is_main_process:
+            with open(log_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if (step + 1) % config.save_every_steps == 0 or step + 1 == total_steps:
+            save_checkpoint(accelerator, checkpoints, step + 1, batches, config.keep_checkpoints)
+        if config.stop_after_step is not None and step + 1 >= config.stop_after_step and step + 1 < total_steps:
+            logger.info("stopping after step %d as requested; resume with --resume", step + 1)
+            accelerator.end_training()
+            return checkpointing.checkpoint_dir(checkpoints, step + 1)
+    progress.close()
+
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pretraining_model.save_pretrained(final)
+        processor.save_pretrained(final)
+        write_model_card(final / "README.md", config, total_steps=total_steps, log_file=log_file)
+        logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)
+    accelerator.end_training()
+    return final
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, batches: MixedBatches, keep: int) -> None:
+    """Model, optimizer, scheduler, RNG states, EMA teacher and DINO centres (model buffers) and each rank's data
+    position, sealed atomically by the main process once every rank has written its part."""
+    tmp, final = checkpointing.temporary_dir(root, step), checkpointing.checkpoint_dir(root, step)
+    accelerator.save_state(str(tmp))
+    tmp.mkdir(parents=True, exist_ok=True)
+    checkpointing.write_json_atomic(tmp / f"data_state_rank{accelerator.process_index}.json", {"step": step, **batches.state_dict()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpointing.finalize(tmp, final, step)
+        checkpointing.prune(root, keep)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, root: Path, batches: MixedBatches) -> int:
+    folder = checkpointing.latest_complete(root)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
+    accelerator.load_state(str(folder))
+    data_state = json.loads((folder / f"data_state_rank{accelerator.process_index}.json").read_text())
+    batches.load_state_dict(data_state)
+    logger.info("resumed from %s (step %d)", folder, data_state["step"])
+    return int(data_state["step"])
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

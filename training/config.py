@@ -14,7 +14,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 @dataclass
 class PretrainConfig:
     # data
-    train_data: str = "data/groundtruth"  # folder of `train-*.parquet` shards, or a Hub dataset id
+    train_data: str | list[str] = "data/groundtruth"  # folder(s) of `train-*.parquet` shards, or a Hub dataset id
     train_split: str = "train"
     ct_fraction: float = 0.125  # share of CTs in every batch; CTs are ~25x scarcer than X-rays, so they repeat more
     shuffle_buffer: int = 1000

@@ -6,11 +6,20 @@ from pathlib import Path
 PROJECT_CARD = Path(__file__).resolve().parents[1] / "model_card.md"
 
 
-def _data_summary(train_data: str) -> str:
-    manifest = Path(train_data) / "manifest.json"
-    if manifest.is_file():
-        return "```json\n" + json.dumps(json.loads(manifest.read_text()), indent=2)[:4000] + "\n```"
-    return f"`{train_data}` (no manifest.json found)"
+def _data_summary(train_data: str | list[str]) -> str:
+    """Each data folder's manifest (generated data) or preparation summary (public datasets), when present."""
+    parts = []
+    for folder in [train_data] if isinstance(train_data, str) else train_data:
+        for name in ("manifest.json", "prepare_summary.json"):
+            path = Path(folder) / name
+            if path.is_file():
+                summary = json.loads(path.read_text())
+                summary.pop("file_errors", None)
+                parts.append(f"`{folder}/{name}`:\n```json\n{json.dumps(summary, indent=2)[:3000]}\n```")
+                break
+        else:
+            parts.append(f"`{folder}` (no manifest.json or prepare_summary.json)")
+    return "\n\n".join(parts)
 
 
 def write_model_card(path: Path, config, total_steps: int, log_file: Path) -> None:

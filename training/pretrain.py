@@ -51,7 +51,7 @@ def resolve_path(name: str | None) -> str | None:
 
 def ensure_default_data(config: PretrainConfig) -> None:
     """Generate the ground-truth benchmark data when the configured default folder is missing."""
-    if Path(config.train_data).exists() or not config.generate_default_data:
+    if not isinstance(config.train_data, str) or Path(config.train_data).exists() or not config.generate_default_data:
         return
     from processing.groundtruth import GroundTruthConfig, generate
 
@@ -84,7 +84,7 @@ def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
     )
 
 
-def count_records(data: str, split: str) -> int:
+def count_records(data: str | list[str], split: str) -> int:
     """Records in the local shards (parquet metadata only); needed to turn epochs into steps."""
     files = shard_files(data, split)
     if files is None:
@@ -205,14 +205,16 @@ def train(config: PretrainConfig) -> Path:
             save_checkpoint(accelerator, checkpoints, step + 1, batches, config.keep_checkpoints)
         if config.stop_after_step is not None and step + 1 >= config.stop_after_step and step + 1 < total_steps:
             logger.info("stopping after step %d as requested; resume with --resume", step + 1)
+            batches.close()
             accelerator.end_training()
             return checkpointing.checkpoint_dir(checkpoints, step + 1)
     progress.close()
+    batches.close()
 
     final = output_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pretraining_model.save_pretrained(final)
+        pretraining_model.unimedi.save_pretrained(final)  # the inference model; checkpoints/ keep teacher and heads
         processor.save_pretrained(final)
         write_model_card(final / "README.md", config, total_steps=total_steps, log_file=log_file)
         logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)

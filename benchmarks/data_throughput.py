@@ -14,8 +14,8 @@ import torch
 from transformers import AutoTokenizer
 
 from modeling_unimedi import UniMedIImageProcessor, UniMedIProcessor, UniMedIVolumeProcessor
+from processing.samples import resolve
 from training.data import MixedBatches, PretrainCollator
-from training.pretrain import resolve_path
 
 TARGETS = {"X-ray": 150.0, "CT": 100.0}
 
@@ -42,7 +42,7 @@ def main():
     torch.set_num_threads(1)
     processor = UniMedIProcessor(
         image_processor=UniMedIImageProcessor(),
-        tokenizer=AutoTokenizer.from_pretrained(resolve_path(args.tokenizer)),
+        tokenizer=AutoTokenizer.from_pretrained(resolve(args.tokenizer)),
         volume_processor=UniMedIVolumeProcessor(),
     )
     collate = PretrainCollator(processor, training=True)

@@ -42,7 +42,9 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    size = dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768) if args.tiny else {}
+    size = (
+        dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768) if args.tiny else {}
+    )
     config = UniMedIVisionConfig(**size)
     ours = UniMedIVisionModel(config).eval()
     reference = timm.models.vision_transformer.VisionTransformer(

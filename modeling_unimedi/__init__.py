@@ -19,7 +19,9 @@ AutoConfig.register(UniMedIVisionConfig.model_type, UniMedIVisionConfig, exist_o
 AutoModel.register(UniMedIConfig, UniMedIModel, exist_ok=True)
 AutoModel.register(UniMedIVisionConfig, UniMedIVisionModel, exist_ok=True)
 AutoModelForPreTraining.register(UniMedIConfig, UniMedIForPreTraining, exist_ok=True)
-AutoImageProcessor.register(UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True
+)
 AutoProcessor.register(UniMedIConfig, UniMedIProcessor, exist_ok=True)
 
 UniMedIConfig.register_for_auto_class()

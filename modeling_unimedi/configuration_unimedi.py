@@ -132,7 +132,9 @@ class UniMedIConfig(PreTrainedConfig):
     model_type = "unimedi"
     sub_configs_defaults = {
         "vision_config": UniMedIVisionConfig,
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=BIO_CLINICAL_BERT_TEXT_CONFIG),
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="bert", init_kwargs=BIO_CLINICAL_BERT_TEXT_CONFIG
+        ),
     }
 
     vision_config: dict | UniMedIVisionConfig | None = None
@@ -166,7 +168,9 @@ class UniMedIConfig(PreTrainedConfig):
             raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
         num_slabs = self.vision_config.volume_grid[0]
         if not 0 <= self.num_selected_slices <= num_slabs:
-            raise ValueError(f"num_selected_slices must be in [0, {num_slabs}] (depth slabs), got {self.num_selected_slices}")
+            raise ValueError(
+                f"num_selected_slices must be in [0, {num_slabs}] (depth slabs), got {self.num_selected_slices}"
+            )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.ema_momentum <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:

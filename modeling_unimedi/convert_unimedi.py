@@ -25,7 +25,9 @@ def _grid_table(position_embedding: torch.Tensor, grid: tuple[int, ...]) -> torc
     return position_embedding.reshape(1, *grid, -1).movedim(-1, 1).float()
 
 
-def inflate_patch_kernel(weight_2d: torch.Tensor, patch_size_3d: tuple[int, int, int], in_channels: int) -> torch.Tensor:
+def inflate_patch_kernel(
+    weight_2d: torch.Tensor, patch_size_3d: tuple[int, int, int], in_channels: int
+) -> torch.Tensor:
     """A Conv3d kernel from a Conv2d one (I3D inflation).
 
     RGB input channels are summed (a grayscale image replicated to RGB gives the same response through the 2D kernel
@@ -96,7 +98,9 @@ def vision_state_dict_from_timm(timm_state: dict[str, torch.Tensor], config: Uni
         state[f"encoder.layers.{index}.{_TIMM_BLOCK_KEYS[part]}.{kind}"] = value
         num_blocks = max(num_blocks, int(index) + 1)
     if num_blocks != config.num_hidden_layers:
-        raise ValueError(f"timm checkpoint has {num_blocks} blocks, vision_config.num_hidden_layers is {config.num_hidden_layers}")
+        raise ValueError(
+            f"timm checkpoint has {num_blocks} blocks, vision_config.num_hidden_layers is {config.num_hidden_layers}"
+        )
     return {k: v.contiguous() for k, v in state.items()}
 
 

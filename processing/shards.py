@@ -10,7 +10,9 @@ from datasets.utils.logging import disable_progress_bar
 from .schema import FEATURES, MODALITIES
 
 
-def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, split: str, records_per_shard: int = 64) -> list[Path]:
+def write_shards(
+    records: Iterable[dict], out_dir: str | os.PathLike, split: str, records_per_shard: int = 64
+) -> list[Path]:
     """Write ``records`` as ``{split}-{modality}-00000.parquet``, ...; each shard appears atomically.
 
     X-rays and CTs go to separate shards, so a training stream of one modality never reads (or skips) the other's
@@ -49,7 +51,9 @@ def _chunks_by_modality(records: Iterable[dict], size: int) -> Iterator[tuple[st
     for record in records:
         modality = record["modality"]
         if modality not in MODALITIES:
-            raise ValueError(f"record {record.get('sample_id')!r}: unknown modality {modality!r}; expected {MODALITIES}")
+            raise ValueError(
+                f"record {record.get('sample_id')!r}: unknown modality {modality!r}; expected {MODALITIES}"
+            )
         chunk = chunks.setdefault(modality, [])
         chunk.append(record)
         if len(chunk) == size:

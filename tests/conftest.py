@@ -1,21 +1,11 @@
 """Shared fixtures. Sample data comes from installed PyPI packages (see shared/README.md); scripts/setup.sh installs
 them, so a missing one is a broken environment and fails loudly instead of skipping."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-
-def installed_sample(package: str, relative: str) -> Path:
-    """A file shipped by an installed sample-data package, located without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"sample-data package {package!r} is not installed: run scripts/setup.sh")
-    path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}")
-    return path
+from processing.samples import sample_path as installed_sample
 
 
 @pytest.fixture(scope="session")

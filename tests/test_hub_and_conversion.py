@@ -36,7 +36,9 @@ def test_auto_classes_resolve_unimedi(tmp_path):
         "AutoConfig": "configuration_unimedi.UniMedIConfig",
         "AutoModel": "modeling_unimedi.UniMedIModel",
     }
-    assert {"configuration_unimedi.py", "modeling_unimedi.py", "loss_unimedi.py"} <= {p.name for p in tmp_path.glob("*.py")}
+    assert {"configuration_unimedi.py", "modeling_unimedi.py", "loss_unimedi.py"} <= {
+        p.name for p in tmp_path.glob("*.py")
+    }
     assert isinstance(AutoConfig.from_pretrained(tmp_path), UniMedIConfig)
     assert isinstance(AutoModel.from_pretrained(tmp_path), UniMedIModel)
 
@@ -71,11 +73,11 @@ def test_remote_code_loads_without_the_package(tmp_path):
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.inference_mode():
             logits = model(**inputs).logits_per_image
         print(type(model).__module__)
-        print(torch.allclose(logits, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6))
+        print(torch.allclose(logits, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-6))
         """,
         cwd=tmp_path,
         HF_MODULES_CACHE=str(tmp_path / "modules"),
@@ -102,8 +104,8 @@ def test_from_pretrained_hub_id_through_offline_cache(tmp_path):
         import modeling_unimedi
         from modeling_unimedi import UniMedIModel
         from transformers import AutoModel
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         for loader in (UniMedIModel, AutoModel):
             model = loader.from_pretrained("org/unimedi-vitb16").eval()
             with torch.inference_mode():
@@ -126,7 +128,9 @@ def test_timm_checkpoint_conversion_reproduces_timm(tmp_path):
     ).eval()
     path = tmp_path / "vit_tiny.safetensors"
     save_file(vit.state_dict(), path)
-    model = UniMedIModel.from_pretrained_parts(path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
+    model = UniMedIModel.from_pretrained_parts(
+        path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config
+    )
     vision = model.vision_model.eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.inference_mode():
@@ -163,7 +167,9 @@ def test_real_pretrained_text_encoder_is_loaded_intact():
     assert model.config.text_config.hidden_size == 384 and model.config.text_config.num_hidden_layers == 6
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModel.from_pretrained(path).eval()
-    inputs = tokenizer(["No acute cardiopulmonary process.", "Small left pleural effusion."], padding=True, return_tensors="pt")
+    inputs = tokenizer(
+        ["No acute cardiopulmonary process.", "Small left pleural effusion."], padding=True, return_tensors="pt"
+    )
     with torch.inference_mode():
         ours = model.get_text_features(**inputs).last_hidden_state[:, 0]
         theirs = reference(**inputs).last_hidden_state[:, 0]

@@ -19,7 +19,9 @@ def batch(num_images=2, num_volumes=3, seq_len=10, seed=0, config=None):
         "attention_mask": torch.ones(n, seq_len, dtype=torch.long),
     }
     if num_images:
-        inputs["pixel_values"] = torch.rand(num_images, vision.num_channels, vision.image_size, vision.image_size, generator=g)
+        inputs["pixel_values"] = torch.rand(
+            num_images, vision.num_channels, vision.image_size, vision.image_size, generator=g
+        )
     if num_volumes:
         inputs["volume_values"] = torch.rand(num_volumes, vision.volume_channels, *vision.volume_size, generator=g)
     return inputs
@@ -83,7 +85,9 @@ def test_mixed_batch_forward(model):
     inputs = batch(2, 3)
     out = model(**inputs, return_loss=True)
     assert out.logits_per_image.shape == (5, 5) and out.logits_per_text.shape == (5, 5)
-    assert out.image_embeds.shape == (2, 16) and out.volume_embeds.shape == (3, 16) and out.text_embeds.shape == (5, 16)
+    assert (
+        out.image_embeds.shape == (2, 16) and out.volume_embeds.shape == (3, 16) and out.text_embeds.shape == (5, 16)
+    )
     assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.logits_per_image.dtype == torch.float32
@@ -232,7 +236,11 @@ def test_init_weights_covers_custom_parameters():
     config = tiny_config(logit_scale_init_value=1.25)
     model = UniMedIModel(config)
     vision = model.vision_model
-    for param in (vision.cls_token, vision.image_embeddings.position_embedding, vision.volume_embeddings.position_embedding):
+    for param in (
+        vision.cls_token,
+        vision.image_embeddings.position_embedding,
+        vision.volume_embeddings.position_embedding,
+    ):
         assert 0.01 < param.std().item() < 0.03  # trunc-normal(0.02), not the zeros the module was built with
     assert model.logit_scale.item() == pytest.approx(1.25)
 

@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 from tiny_configs import TINY_TEXT, TINY_VISION
 
 from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
-from modeling_unimedi.pretraining_unimedi import slab_scores_from_attention
 
 VISION = dict(TINY_VISION, volume_size=(16, 32, 32))  # 4 depth slabs of 4 slices, 2x2 tokens each
 HEADS = dict(dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16)
@@ -24,7 +23,10 @@ def pretraining_config(setting="vl+sd+attn", **overrides):
 def mixed_batch(num_images=2, num_volumes=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = num_images + num_volumes
-    inputs = {"input_ids": torch.randint(1, 120, (n, 9), generator=g), "attention_mask": torch.ones(n, 9, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(1, 120, (n, 9), generator=g),
+        "attention_mask": torch.ones(n, 9, dtype=torch.long),
+    }
     if num_images:
         inputs["pixel_values"] = torch.rand(num_images, 3, 32, 32, generator=g)
     if num_volumes:
@@ -88,7 +90,9 @@ def test_keep_mask_holds_exactly_the_highest_attention_tokens(model):
     inputs = mixed_batch(2, 0)
     out = model(**inputs)
     with torch.no_grad():
-        scores = model.teacher_vision_model(pixel_values=inputs["pixel_values"], output_cls_attention=True).cls_attention
+        scores = model.teacher_vision_model(
+            pixel_values=inputs["pixel_values"], output_cls_attention=True
+        ).cls_attention
     num_keep = round(scores.shape[1] * (1 - model.config.mask_ratio))
     assert out.image_keep_mask.sum(dim=1).tolist() == [num_keep, num_keep]
     for b in range(2):

@@ -12,7 +12,7 @@ import torch
 from tiny_configs import TINY_TEXT, TINY_VISION, tiny_config
 from transformers import AutoImageProcessor, AutoProcessor
 
-from modeling_unimedi import UniMedIConfig, UniMedIModel
+from modeling_unimedi import UniMedIModel
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import DEFAULT_MAX_LENGTH, UniMedIProcessor
 from modeling_unimedi.report_processing_unimedi import clean_report

@@ -27,10 +27,27 @@ def fabricated_shards(folder, num_xrays=24, num_cts=12, seed=0):
     for i in range(num_xrays):
         png = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(png, format="PNG")
-        records.append(xray_record(sample_id=f"x{i}", source="test", split="train", report=f"X-ray report {i}. Lungs clear. No effusion.", image={"bytes": png.getvalue()}))
+        records.append(
+            xray_record(
+                sample_id=f"x{i}",
+                source="test",
+                split="train",
+                report=f"X-ray report {i}. Lungs clear. No effusion.",
+                image={"bytes": png.getvalue()},
+            )
+        )
     for i in range(num_cts):
         volume = rng.integers(-1000, 400, size=TINY_VISION["volume_size"]).astype(np.float32)
-        records.append(ct_record(sample_id=f"c{i}", source="test", split="train", report=f"CT report {i}. Nodule. No effusion.", volume=volume, spacing=(2.0, 1.0, 1.0)))
+        records.append(
+            ct_record(
+                sample_id=f"c{i}",
+                source="test",
+                split="train",
+                report=f"CT report {i}. Nodule. No effusion.",
+                volume=volume,
+                spacing=(2.0, 1.0, 1.0),
+            )
+        )
     order = rng.permutation(len(records))
     write_shards([records[i] for i in order], folder, "train", records_per_shard=8)
     return folder
@@ -129,7 +146,10 @@ def test_stream_resumes_exactly_where_it_stopped(tmp_path):
 
 def test_ranks_read_disjoint_shards(tmp_path):
     fabricated_shards(tmp_path)
-    seen = [{r["sample_id"] for r in ModalityStream(str(tmp_path), "train", "xray", rank, 2, 0, 8).take(12)} for rank in (0, 1)]
+    seen = [
+        {r["sample_id"] for r in ModalityStream(str(tmp_path), "train", "xray", rank, 2, 0, 8).take(12)}
+        for rank in (0, 1)
+    ]
     assert not seen[0] & seen[1]
 
 
@@ -193,7 +213,9 @@ def test_two_cpu_processes(tmp_path):
         launcher=launcher,
         env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
     )
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-00000002").glob("data_state_rank*.json")) == [
+    assert sorted(
+        p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-00000002").glob("data_state_rank*.json")
+    ) == [
         "data_state_rank0.json",
         "data_state_rank1.json",
     ]

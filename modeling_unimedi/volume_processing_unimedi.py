@@ -431,6 +431,18 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             volume = _center_crop_or_pad(volume, self.volume_size, AIR_HU)
         return volume[0, 0].numpy()
 
+    def grid_spacing(self, ct: CTVolume) -> tuple[float, float, float]:
+        """Voxel size in mm along (D, H, W) of ``resample_to_grid(ct)``: what a stored grid volume records."""
+        shape, spacing = ct.hu.shape, ct.spacing
+        if self.orientation != CANONICAL_ORIENTATION:
+            canonical = _import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
+            shape_only = np.broadcast_to(np.float32(0), shape)  # reorient the geometry, not the voxels
+            reoriented, spacing = reorient(shape_only, spacing, canonical, self.orientation)
+            shape = reoriented.shape
+        if self.fit_mode == "resize":
+            return tuple(float(s * n / g) for s, n, g in zip(spacing, shape, self.volume_size))
+        return tuple(float(s) for s in (self.target_spacing or spacing))
+
     def preprocess(self, volumes, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
         """``volumes``: one item or a list of items; see ``__call__``."""
         grids = [self._grid_hu(item) for item in _as_volume_list(volumes, self.volume_size)]

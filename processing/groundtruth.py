@@ -80,7 +80,6 @@ from .groundtruth_reports import (
     side_of,
     write_report,
 )
-from .prepare import resized_spacing
 from .schema import CT, XRAY, ct_record, xray_record
 from .shards import write_shards
 
@@ -302,7 +301,7 @@ class GroundTruthGenerator:
         working = CTVolume(
             hu=insert_lesions(anatomy.hu, case.lesions), spacing=tuple(anatomy.spacing), source=case.sample_id
         )
-        spacing = np.asarray(resized_spacing(working, self.processor.volume_size), dtype=np.float64)
+        spacing = np.asarray(self.processor.grid_spacing(working), dtype=np.float64)
         channels = [self.processor.resample_to_grid(working) - np.float32(AIR_HU)]  # air -> 0: padding is air
         for lesion in case.lesions:
             occupancy = CTVolume(

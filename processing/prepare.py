@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor, load_ct
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, load_ct
 
 from .schema import ct_record
 from .shards import write_shards
@@ -173,7 +173,7 @@ def load_ct_record(candidate: CTCandidate) -> dict:
         split=candidate.split,
         report=candidate.report,
         volume=processor.resample_to_grid(ct),
-        spacing=resized_spacing(ct, processor.volume_size),
+        spacing=processor.grid_spacing(ct),
         metadata={**candidate.metadata, "file": candidate.file.name, "source_shape": list(ct.hu.shape)},
     )
 
@@ -195,11 +195,6 @@ def nifti_with_geometry(path: Path, spacing: tuple[float, float, float] | None =
     affine = image.affine.copy()
     affine[:3, :3] = directions * np.asarray(spacing, dtype=np.float64)
     return nib.Nifti1Image(image.dataobj, affine, image.header)
-
-
-def resized_spacing(ct: CTVolume, grid_shape: tuple[int, int, int]) -> tuple[float, float, float]:
-    """Voxel size on the grid: the default processor resizes the whole volume (fit_mode "resize") onto it."""
-    return tuple(spacing * size / grid for spacing, size, grid in zip(ct.spacing, ct.hu.shape, grid_shape))
 
 
 # --- writing a dataset -----------------------------------------------------------------------------------------------

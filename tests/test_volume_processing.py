@@ -257,3 +257,22 @@ def test_default_settings_round_trip(tmp_path):
     reloaded = UniMedIVolumeProcessor.from_pretrained(tmp_path)
     assert reloaded.to_dict() == UniMedIVolumeProcessor().to_dict()
     assert reloaded.target_spacing is None and reloaded.volume_size == GRID
+
+
+def test_grid_spacing_describes_the_resampled_grid():
+    import numpy as np
+
+    from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
+
+    ct = CTVolume(hu=np.zeros((64, 256, 200), np.float32), spacing=(2.5, 0.7, 0.8), source="<array>")
+    assert UniMedIVolumeProcessor().grid_spacing(ct) == pytest.approx((5.0, 1.4, 1.25))
+    # field of view is preserved: grid size x grid spacing == source size x source spacing
+    processor = UniMedIVolumeProcessor(volume_size=(16, 64, 50))
+    extent = [g * s for g, s in zip(processor.volume_size, processor.grid_spacing(ct))]
+    assert extent == pytest.approx([64 * 2.5, 256 * 0.7, 200 * 0.8])
+    cropped = UniMedIVolumeProcessor(fit_mode="crop_or_pad", target_spacing=(2.0, 2.0, 2.0))
+    assert cropped.grid_spacing(ct) == (2.0, 2.0, 2.0)
+    # another output orientation permutes the axes: W (patient left) first for "LPS"
+    assert UniMedIVolumeProcessor(orientation="LPS", volume_size=(50, 64, 16)).grid_spacing(ct) == pytest.approx(
+        (3.2, 2.8, 10.0)
+    )

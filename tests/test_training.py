@@ -220,3 +220,21 @@ def test_two_cpu_processes(tmp_path):
         "data_state_rank1.json",
     ]
     UniMedIModel.from_pretrained(tmp_path / "ddp" / "final")
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_an_earlier_run(tmp_path):
+    from training.config import load_config
+    from training.pretrain import prepare_output_dir
+
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    config = load_config(None, [f"output_dir={tmp_path}", "overwrite_output_dir=false"])
+    with pytest.raises(FileExistsError, match="--resume"):
+        prepare_output_dir(tmp_path, config, 0)
+    config.overwrite_output_dir = True
+    prepare_output_dir(tmp_path, config, 0)
+    assert not (tmp_path / "checkpoints").exists()
+    # resuming from step 2 drops log lines a killed run wrote after its last checkpoint
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    config.resume = True
+    prepare_output_dir(tmp_path, config, 2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2]

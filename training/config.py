@@ -43,6 +43,7 @@ class PretrainConfig:
     save_every_steps: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite_output_dir: bool = False  # start over in an output_dir that holds an earlier run's checkpoints
     stop_after_step: int | None = None  # end this run cleanly after this step's checkpoint (preemptible jobs)
     log_every_steps: int = 10
     report_to: str = "auto"  # "auto" (tensorboard if installed), "none", or an Accelerate tracker name

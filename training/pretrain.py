@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -154,15 +155,13 @@ def train(config: PretrainConfig) -> Path:
     )
     collate = PretrainCollator(processor, training=True)
     checkpoints = output_dir / "checkpoints"
-    start_step = 0
-    if config.resume:
-        start_step = resume(accelerator, checkpoints, batches)
+    log_file = output_dir / "train_log.jsonl"
+    start_step = resume(accelerator, checkpoints, batches) if config.resume else 0
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, config, start_step)
+    accelerator.wait_for_everyone()
 
     accelerator.init_trackers("unimedi-pretrain", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    log_file = output_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "pretrain_config.json").write_text(to_json(config))
     model.train()
     progress = tqdm(
         range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process
@@ -220,6 +219,24 @@ def train(config: PretrainConfig) -> Path:
         logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)
     accelerator.end_training()
     return final
+
+
+def prepare_output_dir(output_dir: Path, config: PretrainConfig, start_step: int) -> None:
+    """A fresh run must not mix with an earlier run's checkpoints (a later --resume would pick those up) or log; a
+    resumed run keeps the log up to the step it resumes from."""
+    checkpoints, log_file = output_dir / "checkpoints", output_dir / "train_log.jsonl"
+    if not config.resume and (checkpoints.exists() or log_file.exists()):
+        if not config.overwrite_output_dir:
+            raise FileExistsError(
+                f"{output_dir} holds an earlier run: pass --resume to continue it, or overwrite_output_dir=true"
+            )
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        log_file.unlink(missing_ok=True)
+    if config.resume and log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        log_file.write_text("".join(line + "\n" for line in kept))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "pretrain_config.json").write_text(to_json(config))
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, batches: MixedBatches, keep: int) -> None:

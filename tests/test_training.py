@@ -238,3 +238,11 @@ def test_a_fresh_run_refuses_an_output_dir_with_an_earlier_run(tmp_path):
     config.resume = True
     prepare_output_dir(tmp_path, config, 2)
     assert [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_vl_only_ablation_trains(tmp_path):
+    """The VL row of Table 7 has no self-distillation losses; the loop must log only what exists."""
+    data = fabricated_shards(tmp_path / "data")
+    run_training(tiny_run_args(data, tmp_path / "vl", ablation="vl", max_steps=2, save_every_steps=2))
+    logged = losses(tmp_path / "vl")
+    assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]

@@ -180,8 +180,8 @@ def train(config: PretrainConfig) -> Path:
                 optimizer.step()
                 optimizer.zero_grad()
             for key in LOSS_KEYS:
-                if out[key] is not None:
-                    totals[key] += out[key].detach().float().item() / config.gradient_accumulation_steps
+                if getattr(out, key) is not None:
+                    totals[key] += getattr(out, key).detach().float().item() / config.gradient_accumulation_steps
             samples_seen += inputs["input_ids"].shape[0] * world
         scheduler.step()
         momentum = pretraining_model.update_teacher(total_steps)

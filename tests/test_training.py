@@ -103,6 +103,9 @@ def test_config_file_and_overrides(tmp_path):
     assert (config.learning_rate, config.batch_size, config.ablation) == (1e-3, 8, "vl")
     assert config.model_config == {"mask_ratio": 0.75, "num_selected_slices": 3}
     assert config.weight_decay == 0.05  # paper default kept
+    assert load_config(path, ["learning_rate=5e-5"]).learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string
+    with pytest.raises(ValueError, match="'learning_rate' must be a number"):
+        load_config(path, ["learning_rate=fast"])
     with pytest.raises(ValueError, match="unknown setting 'batchsize'"):
         load_config(path, ["batchsize=8"])
     with pytest.raises(ValueError, match="key=value"):

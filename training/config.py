@@ -49,6 +49,15 @@ class PretrainConfig:
     report_to: str = "auto"  # "auto" (tensorboard if installed), "none", or an Accelerate tracker name
 
     def __post_init__(self):
+        for spec in dataclasses.fields(self):  # YAML reads "5e-5" as a string: coerce numbers, reject the rest
+            value = getattr(self, spec.name)
+            annotation = spec.type.__name__ if isinstance(spec.type, type) else str(spec.type)
+            number_type = {"float": float, "int": int, "float | None": float, "int | None": int}.get(annotation)
+            if number_type is not None and isinstance(value, str):
+                try:
+                    setattr(self, spec.name, number_type(float(value)) if number_type is int else float(value))
+                except ValueError:
+                    raise ValueError(f"setting {spec.name!r} must be a number, got {value!r}") from None
         if not 0.0 <= self.ct_fraction <= 1.0:
             raise ValueError(f"ct_fraction must be in [0, 1], got {self.ct_fraction}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -7,7 +7,8 @@ install:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 demo: install
-	$(PYTHON) examples/embed.py
+	$(PYTHON) -m training.pretrain
+	$(PYTHON) -m training.evaluate outputs/demo/final --data data/groundtruth
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -21,22 +21,28 @@ from training.config import PretrainConfig
 from training.evaluate import (
     ANY_LESION,
     FINDING_PROMPTS,
+    collapse_verdicts,
     hit_statistics,
     lesion_slabs,
     load_model,
     load_samples,
+    mean_pairwise_cosine,
     nearest_neighbour_agreement,
     poisson_binomial_tail,
     random_hit_probability,
     recall_at_k_relevant,
     same_text,
+    selection_ks,
+    selection_verdicts,
     slice_selection,
     zero_shot_aurocs,
 )
 from training.pretrain import build_processor
 
 # The generator's grid (32 x 128 x 128) with demo-sized patches: 4 x 4 x 4 = 64 volume tokens, 2 x 2 image tokens.
-EVAL_VISION = dict(TINY_VISION, image_size=64, patch_size=32, volume_size=(32, 128, 128), volume_patch_size=(8, 32, 32))
+EVAL_VISION = dict(
+    TINY_VISION, image_size=64, patch_size=32, volume_size=(32, 128, 128), volume_patch_size=(8, 32, 32)
+)
 
 
 # --- random expectation ----------------------------------------------------------------------------------------------
@@ -85,20 +91,47 @@ def test_lesion_slabs_map_generator_slabs_onto_model_depth_tokens():
 def test_planted_scores_hit_every_lesion_and_inverted_scores_none():
     metadata = [ct_metadata(("nodule", [s])) for s in (0, 2, 5, 7)] + [ct_metadata()]  # last CT: normal
     planted = torch.full((5, 8), 0.1)
-    for row, slab in enumerate((0, 2, 5, 7)):
+    for row, slab in enumerate((0, 2, 5, 7, 0)):
         planted[row, slab] = 1.0
     result = slice_selection(planted, metadata, num_selected=1)
     assert result["num_slabs"] == 8
     by_key = {(row["lesion"], row["rule"]): row for row in result["rows"]}
-    assert set(by_key) == {(lesion, rule) for lesion in (ANY_LESION, "nodule") for rule in ("configured", "top_20_percent")}
+    assert set(by_key) == {
+        (lesion, rule) for lesion in (ANY_LESION, "nodule") for rule in ("configured", "top_20_percent")
+    }
     configured = by_key["nodule", "configured"]
     assert (configured["cts"], configured["hits"], configured["hit_rate"], configured["k"]) == (4, 4, 1.0, 1)
     assert configured["random_hit_rate"] == pytest.approx(1 / 8)
     assert configured["p_value"] == pytest.approx((1 / 8) ** 4)  # random hits all four only by luck
     assert by_key["nodule", "top_20_percent"]["k"] == 2  # 20 % of 8 slabs, rounded
     assert by_key["nodule", "top_20_percent"]["random_hit_rate"] == pytest.approx(2 / 8)
+    assert result["rules"]["configured"]["most_common_share"] == pytest.approx(2 / 5)  # slab 0: CT 0 and the normal
     inverted = slice_selection(-planted, metadata, num_selected=1)
     assert all(row["hit_rate"] == 0.0 and row["p_value"] == 1.0 for row in inverted["rows"])
+
+
+def test_constant_selection_is_reported_as_a_position_prior():
+    metadata = [ct_metadata(("nodule", [s])) for s in (4, 5, 4, 1)]
+    constant = torch.tensor([0.0, 0.1, 0.9, 0.2]).expand(4, -1)  # slab 2 of 4 = generator slabs 4-5, for every CT
+    result = slice_selection(constant, metadata, num_selected=1)
+    assert result["rules"] == {
+        "configured_and_top_20_percent": {"k": 1, "most_common_selection": [2], "most_common_share": 1.0}
+    }
+    nodule = next(row for row in result["rows"] if row["lesion"] == "nodule")
+    assert (nodule["hit_rate"], nodule["same_slabs_hit_rate"]) == (0.75, 0.75)
+    verdicts = selection_verdicts(result)
+    assert verdicts[0].startswith("Selection is (nearly) constant: slab(s) [2] for 100% of CTs")
+    assert len(verdicts) == 1 + len(result["rows"])
+    assert (
+        "above random" in verdicts[-1] and "a position prior, not a per-CT choice, explains the gain" in verdicts[-1]
+    )
+
+
+def test_selection_ks_follow_the_config_and_the_authors_share():
+    assert selection_ks(2, 8) == {"configured_and_top_20_percent": 2}  # 20 % of 8 slabs = 1.6 -> 2
+    assert selection_ks(1, 8) == {"configured": 1, "top_20_percent": 2}
+    assert selection_ks(0, 4) == {"top_20_percent": 1}  # no configured k: at least one slab
+    assert selection_ks(3, 16) == {"configured_and_top_20_percent": 3}
 
 
 def test_hit_statistics_count_overlaps_per_ct():
@@ -195,6 +228,17 @@ def test_alignment_rate_on_planted_embeddings():
     assert flipped["rate"] < 0.5
 
 
+def test_embedding_spread_flags_collapse():
+    generator = torch.Generator().manual_seed(0)
+    spread_out = F.normalize(torch.randn(50, 16, generator=generator), dim=-1)
+    collapsed = F.normalize(torch.ones(50, 16) + 0.01 * torch.randn(50, 16, generator=generator), dim=-1)
+    exact = (spread_out @ spread_out.T)[~torch.eye(50, dtype=torch.bool)].mean().item()
+    assert mean_pairwise_cosine(spread_out) == pytest.approx(exact, abs=1e-5)
+    assert mean_pairwise_cosine(collapsed) > 0.99 and mean_pairwise_cosine(spread_out[:1]) is None
+    verdicts = collapse_verdicts({"xray_vision": mean_pairwise_cosine(collapsed), "ct_vision": exact})
+    assert len(verdicts) == 1 and verdicts[0].startswith("xray vision embeddings have collapsed")
+
+
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 
@@ -237,9 +281,18 @@ def tiny_final(tmp_path_factory):
 
 def test_cli_end_to_end(tiny_benchmark, tiny_final, tmp_path):
     out = tmp_path / "evaluation"
-    command = [sys.executable, "-m", "training.evaluate", str(tiny_final), "--data", str(tiny_benchmark), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "training.evaluate",
+        str(tiny_final),
+        "--data",
+        str(tiny_benchmark),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "not a clinical result" in done.stdout
 
@@ -257,15 +310,21 @@ def test_cli_end_to_end(tiny_benchmark, tiny_final, tmp_path):
     ct_records = [json.loads(m) for m in _ct_metadata_strings(tiny_benchmark)]
     with_lesion = sum(1 for m in ct_records if lesion_slabs(m, 4))
     any_rows = [row for row in selection["rows"] if row["lesion"] == ANY_LESION]
-    assert [row["cts"] for row in any_rows] == [with_lesion] * 2  # configured k and top 20 %
-    assert len(metrics["verdicts"]) == len(selection["rows"])
+    assert [(row["cts"], row["rule"], row["k"]) for row in any_rows] == [
+        (with_lesion, "configured_and_top_20_percent", 1)
+    ]
+    constant_rules = sum(rule["most_common_share"] >= 0.9 for rule in selection["rules"].values())
+    collapsed = sum(cosine >= 0.99 for cosine in metrics["embedding_spread"].values())
+    assert len(metrics["verdicts"]) == len(selection["rows"]) + constant_rules + collapsed
     for direction in ("xray_to_ct", "ct_to_xray"):
         assert 0.0 <= metrics["alignment"][direction]["random_rate"] <= 1.0
     for name in ("tsne.png", "slice_selection.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
     markdown = (out / "metrics.md").read_text()
-    assert "Functional benchmark" in markdown and "| xray |" in markdown and "Slice selection (4 depth slabs" in markdown
+    assert (
+        "Functional benchmark" in markdown and "| xray |" in markdown and "Slice selection (4 depth slabs" in markdown
+    )
 
 
 def _ct_metadata_strings(folder):

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,8 @@ ANY_LESION = "any_lesion"
 SELECTION_SHARE = 0.2  # the authors' LUNA16 check kept the top 20 % of slices
 RECALL_KS = (1, 5)
 SIGNIFICANCE = 0.05
+COLLAPSE_COSINE = 0.99  # mean pairwise cosine from which a set of embeddings is reported as collapsed
+CONSTANT_SELECTION_SHARE = 0.9  # a selection shared by this share of CTs is reported as a position prior
 # Positive and negative prompt ensembles per finding: generic radiology phrasing, written once and never tuned on data.
 FINDING_PROMPTS = {
     "nodule": (
@@ -105,7 +108,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     processor; raises ValueError when model weights are missing from the folder."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no config.json: give a saved model folder such as outputs/demo/final")
+        raise FileNotFoundError(
+            f"{model_dir} holds no config.json: give a saved model folder such as outputs/demo/final"
+        )
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the pretraining-only weights would be listed as unexpected
     try:
@@ -139,7 +144,10 @@ def encode(zero_shot: UniMedIZeroShot, samples: Samples) -> Encoded:
 
 @torch.inference_mode()
 def slab_scores(model: UniMedIModel, processor: UniMedIProcessor, volumes: list, batch_size: int) -> torch.Tensor:
-    """(num_volumes, num_slabs) Eq. 1-2 relevance of each depth slab, from the CT alone (what pretraining selects by)."""
+    """(num_volumes, num_slabs) Eq. 1-2 relevance of each depth slab, from the CT alone (as pretraining selects).
+
+    The encoder is the saved student: `final/` keeps no EMA teacher, whose attention selected slabs in training.
+    """
     grid = model.config.vision_config.volume_grid
     scores = []
     for start in range(0, len(volumes), batch_size):
@@ -220,7 +228,9 @@ def retrieval_recalls(encoded: Encoded, reports: list[str], ks=RECALL_KS) -> dic
             "strict": recall_at_k(similarity, k_used),
             "same_text": recall_at_k_relevant(similarity, relevant, k_used),
             "random_strict": k_used / count,
-            "random_same_text": float(np.mean([random_hit_probability(count, int(n), k_used) for n in relevant.sum(1)])),
+            "random_same_text": float(
+                np.mean([random_hit_probability(count, int(n), k_used) for n in relevant.sum(1)])
+            ),
         }
     return result
 
@@ -273,26 +283,36 @@ def hit_statistics(selected: list[set[int]], targets: list[set[int]], num_slabs:
 
 
 def selection_ks(num_selected: int, num_slabs: int) -> dict[str, int]:
-    """The k values to test: the model's configured k (when > 0) and the top 20 % (rounded, at least one slab)."""
-    ks = {"top_20_percent": max(1, math.floor(SELECTION_SHARE * num_slabs + 0.5))}
-    if num_selected > 0:
-        ks = {"configured": num_selected, **ks}
-    return ks
+    """The k values to test: the model's configured k (when > 0) and the top 20 % (rounded, at least one slab), as
+    one rule when they are the same k."""
+    top_share = max(1, math.floor(SELECTION_SHARE * num_slabs + 0.5))
+    if num_selected == top_share:
+        return {"configured_and_top_20_percent": top_share}
+    return ({"configured": num_selected} if num_selected > 0 else {}) | {"top_20_percent": top_share}
 
 
 def slice_selection(scores: torch.Tensor, metadata: list[dict], num_selected: int) -> dict:
-    """Hit statistics per lesion kind (any lesion, then each finding) and per k of `selection_ks`."""
+    """Hit statistics per lesion kind (any lesion, then each finding) and per k of `selection_ks`.
+
+    Also per k: the model's most common selection and its share of CTs, and (per row) the hit rate of making that one
+    selection for every CT. A model that always picks the same slabs only has a position prior; that baseline shows
+    how much of its hit rate the prior alone explains (the most common selection is read from the model's outputs,
+    never from the labels).
+    """
     num_slabs = scores.shape[1]
     targets = [lesion_slabs(item, num_slabs) for item in metadata]
-    rows = []
+    rules, rows = {}, []
     for rule, k in selection_ks(num_selected, num_slabs).items():
-        chosen = [set(row.tolist()) for row in top_k_indices(scores, k)]
+        chosen = [frozenset(row.tolist()) for row in top_k_indices(scores, k)]
+        (most_common, count), *_ = Counter(chosen).most_common(1)
+        rules[rule] = {"k": k, "most_common_selection": sorted(most_common), "most_common_share": count / len(chosen)}
         for kind in (ANY_LESION, *FINDING_NAMES):
             having = [i for i, target in enumerate(targets) if kind in target]
             if having:
                 stats = hit_statistics([chosen[i] for i in having], [targets[i][kind] for i in having], num_slabs, k)
-                rows.append({"lesion": kind, "rule": rule, "k": k, **stats})
-    return {"num_slabs": num_slabs, "rows": rows}
+                same_slabs = np.mean([bool(most_common & targets[i][kind]) for i in having])
+                rows.append({"lesion": kind, "rule": rule, "k": k, **stats, "same_slabs_hit_rate": float(same_slabs)})
+    return {"num_slabs": num_slabs, "rules": rules, "rows": rows}
 
 
 # --- 4. alignment ----------------------------------------------------------------------------------------------------
@@ -304,6 +324,25 @@ def nearest_neighbour_agreement(queries, candidates, query_labels, candidate_lab
     agreement = [query_labels[i] == candidate_labels[j] for i, j in enumerate(nearest)]
     chance = [np.mean([label == other for other in candidate_labels]) for label in query_labels]
     return {"rate": float(np.mean(agreement)), "random_rate": float(np.mean(chance))}
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> float | None:
+    """Mean cosine between distinct rows of normalised embeddings: near 1 means they have collapsed to one point."""
+    count = len(embeddings)
+    if count < 2:
+        return None
+    total = (embeddings.sum(dim=0) ** 2).sum() - (embeddings**2).sum()
+    return float(total / (count * (count - 1)))
+
+
+def collapse_verdicts(spread: dict) -> list[str]:
+    """Name every embedding set whose samples have (nearly) collapsed onto one point."""
+    return [
+        f"{kind.replace('_', ' ')} embeddings have collapsed (mean pairwise cosine {cosine:.4f}): they barely differ "
+        "between samples, so they carry (almost) no finding information."
+        for kind, cosine in spread.items()
+        if cosine is not None and cosine >= COLLAPSE_COSINE
+    ]
 
 
 # --- figures ---------------------------------------------------------------------------------------------------------
@@ -389,18 +428,33 @@ def plot_slice_selection(
 # --- verdicts and report ---------------------------------------------------------------------------------------------
 
 
-def selection_verdicts(rows: list[dict]) -> list[str]:
-    """Plain statements of whether attentive selection beat random selection, per lesion kind and k."""
+def selection_verdicts(selection: dict) -> list[str]:
+    """Plain statements of whether attentive selection beat random selection, per lesion kind and k, and whether it
+    is a fixed position prior (the same slabs for nearly every CT)."""
     verdicts = []
-    for row in rows:
+    for rule in selection["rules"].values():
+        if rule["most_common_share"] >= CONSTANT_SELECTION_SHARE:
+            verdicts.append(
+                f"Selection is (nearly) constant: slab(s) {rule['most_common_selection']} for "
+                f"{rule['most_common_share']:.0%} of CTs at k = {rule['k']}, a position prior rather than a choice "
+                "driven by each CT; any gain over random comes from where lesions tend to lie."
+            )
+    for row in selection["rows"]:
         versus = f"{row['hit_rate']:.1%} vs random {row['random_hit_rate']:.1%}, p = {row['p_value']:.3f}"
         where = f"{row['lesion']} (k = {row['k']}, {row['cts']} CTs)"
         if row["hit_rate"] <= row["random_hit_rate"]:
-            verdicts.append(f"Attentive selection does NOT beat random selection for {where}: {versus}.")
+            verdict = f"Attentive selection does NOT beat random selection for {where}: {versus}."
         elif row["p_value"] >= SIGNIFICANCE:
-            verdicts.append(f"Attentive selection is above random for {where} but not significantly: {versus}.")
+            verdict = f"Attentive selection is above random for {where} but not significantly: {versus}."
         else:
-            verdicts.append(f"Attentive selection beats random for {where}: {versus}.")
+            verdict = f"Attentive selection beats random for {where}: {versus}."
+        if row["hit_rate"] > row["random_hit_rate"] and row["same_slabs_hit_rate"] >= row["hit_rate"]:
+            slabs = selection["rules"][row["rule"]]["most_common_selection"]
+            verdict += (
+                f" Yet always choosing its most common slab(s) {slabs} would hit {row['same_slabs_hit_rate']:.1%}: "
+                "a position prior, not a per-CT choice, explains the gain."
+            )
+        verdicts.append(verdict)
     return verdicts
 
 
@@ -448,12 +502,19 @@ def evaluate(
                 encoded[CT].vision, encoded[XRAY].vision, samples[CT].labels, samples[XRAY].labels
             ),
         },
-        "verdicts": selection_verdicts(selection["rows"]),
+        "embedding_spread": {
+            f"{modality}_{kind}": mean_pairwise_cosine(getattr(encoded[modality], kind))
+            for modality in (XRAY, CT)
+            for kind in ("vision", "reports")
+        },
     }
+    metrics["verdicts"] = collapse_verdicts(metrics["embedding_spread"]) + selection_verdicts(selection)
     plot_embedding_map(encoded, samples, out_dir / "tsne.png")
-    figure_k = num_selected or selection_ks(0, scores.shape[1])["top_20_percent"]
+    figure_k = num_selected or next(iter(selection_ks(0, scores.shape[1]).values()))
     patch_depth = model.config.vision_config.volume_patch_size[0]
-    shown = plot_slice_selection(processor, patch_depth, samples[CT], scores, figure_k, out_dir / "slice_selection.png")
+    shown = plot_slice_selection(
+        processor, patch_depth, samples[CT], scores, figure_k, out_dir / "slice_selection.png"
+    )
     metrics["figures"] = {"tsne": "tsne.png", "slice_selection": "slice_selection.png" if shown else None}
     metrics["figure_cts"] = shown
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -472,10 +533,13 @@ def markdown_report(metrics: dict) -> str:
     lines = [
         f"# UniMedI on the ground-truth benchmark ({metrics['split']} split)",
         "",
-        f"**{metrics['disclaimer']}** These numbers test that training and evaluation work; they are not a clinical result.",
+        (
+            f"**{metrics['disclaimer']}** These numbers test that training and evaluation work; they are not a "
+            "clinical result."
+        ),
         "",
-        f"Model `{metrics['model']}`, data `{metrics['data']}`: {metrics['counts'][XRAY]} X-rays, "
-        f"{metrics['counts'][CT]} CTs.",
+        f"Model `{metrics['model']}`, data `{metrics['data']}`: "
+        + f"{metrics['counts'][XRAY]} X-rays, {metrics['counts'][CT]} CTs.",
         "",
         "## Zero-shot AUROC (%)",
         "",
@@ -489,8 +553,10 @@ def markdown_report(metrics: dict) -> str:
         "",
         "## Report -> image retrieval (%)",
         "",
-        "Strict: only the query's own image counts (ties rank against it). Same text: any image whose report text "
-        "equals the query's counts. Random: the expectation of a random ranking.",
+        (
+            "Strict: only the query's own image counts (ties rank against it). Same text: any image whose report "
+            "text equals the query's counts. Random: the expectation of a random ranking."
+        ),
         "",
         "| direction | k | strict | same text | random (strict) | random (same text) |",
         "|---|---|---|---|---|---|",
@@ -505,18 +571,31 @@ def markdown_report(metrics: dict) -> str:
         "",
         f"## Slice selection ({selection['num_slabs']} depth slabs; Eq. 1-2 on the CT alone)",
         "",
-        "| lesion | k | CTs | hit rate (%) | random (%) | p (random >= hits) |",
-        "|---|---|---|---|---|---|",
+        "Same slabs: the hit rate of giving every CT the model's most common selection (a position prior).",
+        "",
+        "| lesion | k | CTs | hit rate (%) | random (%) | p (random >= hits) | same slabs (%) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in selection["rows"]:
         lines.append(
             f"| {row['lesion']} | {row['k']} ({row['rule']}) | {row['cts']} | {_percent(row['hit_rate'])} | "
-            f"{_percent(row['random_hit_rate'])} | {row['p_value']:.3f} |"
+            f"{_percent(row['random_hit_rate'])} | {row['p_value']:.3f} | {_percent(row['same_slabs_hit_rate'])} |"
+        )
+    for rule in selection["rules"].values():
+        lines.append(
+            f"\nAt k = {rule['k']} the most common selection, slab(s) {rule['most_common_selection']}, is made for "
+            f"{_percent(rule['most_common_share'])} % of CTs."
         )
     lines += ["", "## 2D <-> 3D alignment (nearest neighbour has the same finding set, %)", ""]
     lines += ["| direction | rate | random |", "|---|---|---|"]
     for direction, result in metrics["alignment"].items():
-        lines.append(f"| {direction.replace('_', ' ')} | {_percent(result['rate'])} | {_percent(result['random_rate'])} |")
+        lines.append(
+            f"| {direction.replace('_', ' ')} | {_percent(result['rate'])} | {_percent(result['random_rate'])} |"
+        )
+    lines += ["", "## Embedding spread (mean pairwise cosine; near 1 = collapsed)", ""]
+    lines += ["| embeddings | mean cosine |", "|---|---|"]
+    for kind, cosine in metrics["embedding_spread"].items():
+        lines.append(f"| {kind.replace('_', ' ')} | {'n/a' if cosine is None else f'{cosine:.4f}'} |")
     lines += ["", "## Verdicts", "", *[f"- {verdict}" for verdict in metrics["verdicts"]], ""]
     return "\n".join(lines)
 

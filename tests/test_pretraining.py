@@ -136,7 +136,13 @@ def _train(model, inputs, lr, steps):
         out.loss.backward()
         optimizer.step()
         model.update_teacher(total_steps=1000)
-        history.append({k: getattr(out, k).item() for k in ("loss", "vl_loss", "icl_loss", "pcl_loss") if getattr(out, k) is not None})
+        history.append(
+            {
+                k: getattr(out, k).item()
+                for k in ("loss", "vl_loss", "icl_loss", "pcl_loss")
+                if getattr(out, k) is not None
+            }
+        )
     return history
 
 

@@ -249,3 +249,36 @@ def test_vl_only_ablation_trains(tmp_path):
     run_training(tiny_run_args(data, tmp_path / "vl", ablation="vl", max_steps=2, save_every_steps=2))
     logged = losses(tmp_path / "vl")
     assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]
+
+
+def test_streams_read_shards_that_mix_modalities(tmp_path):
+    """Shards not written by `write_shards` (e.g. a Hub dataset) hold both modalities: streams filter them."""
+    from datasets import Dataset
+
+    from processing.schema import FEATURES
+    from training.data import PretrainCollator
+
+    fabricated_shards(tmp_path / "split")
+    records = [r for r in stream_split(tmp_path / "split", "train")]
+    for record in records:
+        if record["image"] is not None:
+            png = io.BytesIO()
+            record["image"].save(png, format="PNG")
+            record["image"] = {"bytes": png.getvalue()}
+    (tmp_path / "mixed").mkdir()
+    Dataset.from_list(records, features=FEATURES).to_parquet(str(tmp_path / "mixed" / "train-00000.parquet"))
+    batches = MixedBatches(str(tmp_path / "mixed"), "train", batch_size=4, ct_fraction=0.25, buffer=8)
+    xrays, cts = batches.next_batch()
+    assert [r["modality"] for r in xrays] == ["xray"] * 3 and [r["modality"] for r in cts] == ["ct"]
+    from transformers import AutoTokenizer
+
+    from modeling_unimedi import UniMedIImageProcessor, UniMedIProcessor, UniMedIVolumeProcessor
+
+    processor = UniMedIProcessor(
+        UniMedIImageProcessor(),
+        AutoTokenizer.from_pretrained(minilm_path()),
+        UniMedIVolumeProcessor(volume_size=TINY_VISION["volume_size"]),
+    )
+    inputs = PretrainCollator(processor)(xrays, cts)
+    assert inputs["pixel_values"].shape[0] == 3 and inputs["volume_values"].shape[0] == 1
+    batches.close()

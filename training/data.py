@@ -58,20 +58,16 @@ class ModalityStream:
     def _open_epoch(self):
         files = shard_files(self.data, self.split)
         own = modality_shards(files, self.modality) if files is not None else []
-        if own:  # shards of this modality only: nothing to read and throw away
+        if files is None:
+            dataset = load_dataset(self.data, split=self.split, streaming=True)
+        else:  # this modality's own shards when written by `write_shards`: nothing to read and throw away
+            data_files = {self.split: own or files}
             dataset = load_dataset(
-                "parquet", data_files={self.split: own}, split=self.split, streaming=True, features=FEATURES
+                "parquet", data_files=data_files, split=self.split, streaming=True, features=FEATURES
             )
-        else:  # a Hub dataset, or shards mixing modalities: filter while streaming
-            dataset = (
-                load_dataset(self.data, split=self.split, streaming=True)
-                if files is None
-                else load_dataset(
-                    "parquet", data_files={self.split: files}, split=self.split, streaming=True, features=FEATURES
-                )
-            )
-            dataset = dataset.filter(lambda record: record["modality"] == self.modality)
         dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
+        if not own:  # a Hub dataset or shards mixing modalities
+            dataset = dataset.filter(lambda record: record["modality"] == self.modality)
         dataset = dataset.shuffle(seed=self.seed, buffer_size=self.buffer)
         dataset.set_epoch(self.epoch)
         dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)

@@ -110,7 +110,6 @@ class UniMedIConfig(PreTrainedConfig):
             architecture); defaults to BioClinicalBERT's architecture.
         projection_dim: size of the common image/volume/report space.
         logit_scale_init_value: initial log of the inverse CLIP temperature (log(1/0.07), as CLIP).
-        text_pooling: how a report becomes one vector before projection; "cls" takes the [CLS] hidden state.
 
     Pretraining fields, read by [`UniMedIForPreTraining`] only (the paper gives no number for most of them; defaults
     follow the cited sources — DINO, iBOT, Attentive Mask CLIP — and are noted here):
@@ -141,7 +140,6 @@ class UniMedIConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
-    text_pooling: Literal["cls"] = "cls"
 
     num_selected_slices: int = 2
     slice_selection: Literal["attentive", "random"] = "attentive"

@@ -65,7 +65,8 @@ def slab_central_slices(volume_values: torch.Tensor, slabs: torch.LongTensor, pa
 def slices_to_images(slices: torch.Tensor, image_size: int, num_channels: int) -> torch.Tensor:
     """Pseudo-2D images for T_2D: resize each (grayscale) slice to the 2D input size and replicate to the 2D channels.
 
-    CT volumes and X-rays share the processors' [0, 1] intensity convention, so no renormalisation is needed.
+    CT volumes and X-rays share the processors' intensity convention ([0, 1] normalised to [-1, 1] by default), so no
+    renormalisation is needed.
     """
     batch, k = slices.shape[:2]
     flat = slices.flatten(0, 1).mean(dim=1, keepdim=True)

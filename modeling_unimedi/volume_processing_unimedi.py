@@ -11,8 +11,8 @@
    air (-1000 HU) to ``volume_size``. Resizing: axes that shrink are area-averaged (every voxel contributes, no
    aliasing of thin structures), axes that grow are linearly interpolated; so a volume smaller than the grid is
    upsampled. (``target_spacing`` is rejected with "resize": the whole-volume resize would undo it.)
-3. HU window ``hu_window`` (default [-1000, 1000]) -> [0, 1], then (x - image_mean) / image_std (defaults 0 and 1, so
-   the output stays in [0, 1] like the X-ray processor's). A constant volume simply windows to a constant.
+3. HU window ``hu_window`` (default [-1000, 1000]) -> [0, 1], then (x - image_mean) / image_std (defaults 0.5 and
+   0.5, so the output is in [-1, 1] like the X-ray processor's). A constant volume simply windows to a constant.
 
 Steps 1-2 are ``resample_to_grid`` (float32 HU, what dataset preparation stores as int16); ``__call__`` adds step 3 and,
 with ``training=True`` only, random flips along ``flip_axes``.
@@ -359,7 +359,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         orientation (`str`, defaults to CANONICAL_ORIENTATION): nibabel axis codes of the output (D, H, W) axes.
         target_spacing (`(D, H, W)` mm, optional): resample to this spacing first; only with fit_mode "crop_or_pad".
         fit_mode (`str`, defaults to "resize"): "resize" the whole volume, or "crop_or_pad" it to ``volume_size``.
-        image_mean, image_std (`float`, defaults 0 and 1): output = (windowed - mean) / std.
+        image_mean, image_std (`float`, defaults 0.5 and 0.5): output = (windowed - mean) / std.
         flip_axes (`list[int]`, defaults to [2]): axes (0=D, 1=H, 2=W) randomly flipped when ``training=True``.
         flip_probability (`float`, defaults to 0.5): chance of flipping each of ``flip_axes`` when training.
     """
@@ -374,8 +374,8 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         orientation: str = CANONICAL_ORIENTATION,
         target_spacing: tuple[float, float, float] | None = None,
         fit_mode: str = "resize",
-        image_mean: float = 0.0,
-        image_std: float = 1.0,
+        image_mean: float = 0.5,
+        image_std: float = 0.5,
         flip_axes: tuple[int, ...] = (2,),
         flip_probability: float = 0.5,
         **kwargs,
@@ -458,9 +458,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         if training:
             self._random_flips_(batch)
         low, high = self.hu_window
-        values = batch.sub_(low).div_(high - low).clamp_(0.0, 1.0)
-        if self.image_mean != 0.0 or self.image_std != 1.0:
-            values.sub_(self.image_mean).div_(self.image_std)
+        values = batch.sub_(low).div_(high - low).clamp_(0.0, 1.0).sub_(self.image_mean).div_(self.image_std)
         return BatchFeature({"volume_values": values}, tensor_type=return_tensors)
 
     def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:

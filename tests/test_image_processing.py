@@ -22,7 +22,7 @@ def reference_pipeline(image: Image.Image) -> np.ndarray:
 def test_real_xray_jpegs_batch(xray_jpeg_paths):
     pixel_values = UniMedIImageProcessor()(xray_jpeg_paths)["pixel_values"]
     assert pixel_values.shape == (16, 3, 224, 224) and pixel_values.dtype == torch.float32
-    assert pixel_values.min() >= 0.0 and pixel_values.max() <= 1.0
+    assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0  # [0, 1] normalised with mean 0.5, std 0.5
     assert torch.equal(pixel_values[:, 0], pixel_values[:, 1]) and torch.equal(pixel_values[:, 0], pixel_values[:, 2])
     assert (pixel_values.flatten(1).std(dim=1) > 0.1).all()  # real content in every image
 
@@ -33,15 +33,15 @@ def test_matches_a_pil_reference_of_the_paper_pipeline(xray_jpeg_paths):
         with Image.open(path) as image:
             expected = reference_pipeline(image)
         got = processor(path)["pixel_values"][0, 0].numpy()
-        assert np.abs(got - expected).mean() < 0.01, path.name
+        assert np.abs(got - (expected - 0.5) / 0.5).mean() < 0.02, path.name
 
 
 def test_landscape_image_is_zero_padded_top_and_bottom(xray_jpeg_paths):
     path = next(p for p in xray_jpeg_paths if p.name == "NORMAL2-IM-1427-0001.jpeg")  # 1776 x 1416 (W x H)
     image = UniMedIImageProcessor()(path)["pixel_values"][0, 0]
     # H: 1416 * 256 / 1776 = 204 rows, padded 26 above; the 224 centre crop starts 16 rows into the pad.
-    assert torch.all(image[:10] == 0) and torch.all(image[-10:] == 0)
-    assert image[10:-10].amax(dim=1).min() > 0
+    assert torch.all(image[:10] == -1) and torch.all(image[-10:] == -1)  # zero padding, normalised
+    assert image[10:-10].amax(dim=1).min() > -1
 
 
 def test_every_input_type_gives_the_same_tensor(xray_jpeg_paths):
@@ -66,7 +66,9 @@ def test_float_arrays_in_unit_range_are_kept_and_others_rescaled():
 
 
 def test_mean_std_and_channels_are_configurable(xray_jpeg_paths):
-    plain = UniMedIImageProcessor()(xray_jpeg_paths[:2])["pixel_values"]
+    plain = UniMedIImageProcessor(image_mean=0.0, image_std=1.0)(xray_jpeg_paths[:2])["pixel_values"]
+    assert plain.min() >= 0 and plain.max() <= 1
+    torch.testing.assert_close(UniMedIImageProcessor()(xray_jpeg_paths[:2])["pixel_values"], (plain - 0.5) / 0.5)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     normalised = UniMedIImageProcessor(image_mean=mean, image_std=std)(xray_jpeg_paths[:2])["pixel_values"]
     expected = (plain - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -108,7 +110,7 @@ def test_dicom_ct_slice_keeps_its_polarity(dicom_ct_slice_path):
     raw = pydicom.dcmread(dicom_ct_slice_path).pixel_array.astype(np.float64)
     np.testing.assert_allclose(load_xray(dicom_ct_slice_path), (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
     pixel_values = UniMedIImageProcessor(crop_size=256)(dicom_ct_slice_path)["pixel_values"]
-    assert pixel_values.shape == (1, 3, 256, 256) and 0 <= pixel_values.min() and pixel_values.max() <= 1
+    assert pixel_values.shape == (1, 3, 256, 256) and -1 <= pixel_values.min() and pixel_values.max() <= 1
     pooled = torch.nn.functional.avg_pool2d(pixel_values[:, :1], 2)[0, 0].numpy()  # back to 128 x 128
     assert np.corrcoef(pooled.ravel(), raw.ravel())[0, 1] > 0.95
 

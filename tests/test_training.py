@@ -114,6 +114,25 @@ def test_config_file_and_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml", [])
 
 
+def test_text_encoder_gets_its_own_learning_rate():
+    from tiny_configs import tiny_config
+
+    from modeling_unimedi import UniMedIForPreTraining
+    from training.pretrain import optimizer_groups
+
+    model = UniMedIForPreTraining(tiny_config())
+    groups = optimizer_groups(model, learning_rate=3e-4, weight_decay=0.05, text_learning_rate=3e-5)
+    setting = {id(param): (group["lr"], group["weight_decay"]) for group in groups for param in group["params"]}
+    trainable = dict((name, param) for name, param in model.named_parameters() if param.requires_grad)
+    assert sum(len(group["params"]) for group in groups) == len(setting) == len(trainable)
+    for name, param in trainable.items():
+        lr, decay = setting[id(param)]
+        assert lr == (3e-5 if name.startswith("unimedi.text_model.") else 3e-4), name
+        assert decay == (0.0 if param.ndim < 2 or name.endswith(("cls_token", "position_embedding")) else 0.05), name
+    single = optimizer_groups(model, learning_rate=3e-4, weight_decay=0.05)
+    assert {group["lr"] for group in single} == {3e-4} and len(single) == 2
+
+
 # ---------------------------------------------------------------- data
 
 

@@ -39,11 +39,12 @@ def centroid(mask: CTVolume, labels: dict[str, int], names) -> np.ndarray:
     return np.argwhere(np.isin(mask.hu, [labels[name] for name in names])).mean(axis=0)
 
 
-def test_real_ct_comes_out_on_the_grid_in_unit_range(ct_nifti_path):
+def test_real_ct_comes_out_on_the_grid_in_the_model_range(ct_nifti_path):
     values = UniMedIVolumeProcessor()(ct_nifti_path)["volume_values"]
     assert values.shape == (1, 1, *GRID) and values.dtype == torch.float32
-    # Air outside the body windows to 0 and cortical bone (> 1000 HU) to 1: the whole range is used, nothing beyond.
-    assert values.min() == 0.0 and values.max() == 1.0
+    # Air outside the body windows to 0 and cortical bone (> 1000 HU) to 1, normalised to -1 and 1: the whole range is
+    # used, nothing beyond.
+    assert values.min() == -1.0 and values.max() == 1.0
 
 
 def test_load_ct_reorients_the_las_file_to_the_canonical_axes(ct, mask):
@@ -77,8 +78,9 @@ def test_processed_ct_agrees_with_the_mask_on_the_grid(ct, mask, ct_mask_labels)
     labels = F.interpolate(torch.from_numpy(mask.hu)[None, None], size=GRID, mode="nearest")[0, 0]
     lungs = torch.isin(labels, torch.tensor([float(ct_mask_labels[name]) for name in LUNG_LOBES]))
     heart = labels == ct_mask_labels["heart"]
-    assert values[lungs].mean() < 0.15  # aerated lung, about -850 HU
-    assert 0.5 < values[heart].mean() < 0.75  # myocardium and (contrast-enhanced) blood, 0-500 HU
+    # Window [-1000, 1000] HU -> [-1, 1]: HU / 1000.
+    assert values[lungs].mean() < -0.7  # aerated lung, about -850 HU
+    assert 0.0 < values[heart].mean() < 0.5  # myocardium and (contrast-enhanced) blood, 0-500 HU
     left = torch.isin(labels, torch.tensor([float(ct_mask_labels[name]) for name in LEFT_LOBES]))
     assert torch.nonzero(left)[:, 2].float().mean() > GRID[2] / 2
 
@@ -161,7 +163,7 @@ def _item(**elements) -> Dataset:
 def test_arrays_on_the_grid_are_only_windowed():
     hu = np.random.default_rng(0).integers(-3000, 3000, size=(2, *GRID)).astype(np.int16)
     values = UniMedIVolumeProcessor()(hu)["volume_values"]  # a (B, D, H, W) batch of stored int16 HU
-    expected = np.clip((hu.astype(np.float32) + 1000) / 2000, 0, 1)[:, None]
+    expected = (np.clip((hu.astype(np.float32) + 1000) / 2000, 0, 1)[:, None] - 0.5) / 0.5
     np.testing.assert_allclose(values.numpy(), expected, atol=1e-6)
     single = UniMedIVolumeProcessor()([torch.from_numpy(hu[1])], return_tensors="np")["volume_values"]
     assert isinstance(single, np.ndarray)
@@ -220,7 +222,7 @@ def test_random_flips_only_when_training():
     hu = np.random.default_rng(0).uniform(-1000, 1000, size=GRID).astype(np.float32)
     processor = UniMedIVolumeProcessor(flip_axes=[2], flip_probability=1.0)
     evaluation = processor(hu)["volume_values"]
-    np.testing.assert_array_equal(evaluation[0, 0].numpy(), np.clip((hu + 1000) / 2000, 0, 1))
+    np.testing.assert_allclose(evaluation[0, 0].numpy(), np.clip(hu / 1000, -1, 1), atol=1e-6)
     training = processor(hu, training=True)["volume_values"]
     torch.testing.assert_close(training, evaluation.flip(-1))
     torch.manual_seed(0)

@@ -59,7 +59,22 @@ def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     model = UniMedIForPreTraining(parts.config)
     model.unimedi.load_state_dict(parts.state_dict())
     model.reset_teacher()
+    freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
     return model
+
+
+def freeze_text_layers(text_model: torch.nn.Module, num_layers: int) -> None:
+    """Freeze a BERT-family encoder's embeddings and its `num_layers` bottom layers (no gradients, no optimizer
+    state): the pretrained language knowledge stays, and the backward pass skips the frozen part."""
+    if num_layers == 0:
+        return
+    layers = getattr(getattr(text_model, "encoder", None), "layer", None)
+    if layers is None or not hasattr(text_model, "embeddings"):
+        raise ValueError(f"freeze_text_layers needs a BERT-family text encoder, got {type(text_model).__name__}")
+    if not 0 <= num_layers <= len(layers):
+        raise ValueError(f"freeze_text_layers must be in [0, {len(layers)}], got {num_layers}")
+    for module in [text_model.embeddings, *layers[:num_layers]]:
+        module.requires_grad_(False)
 
 
 def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
@@ -85,15 +100,20 @@ def count_records(data: str | list[str], split: str) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, tokens, position tables and the logit scale."""
-    decay, no_decay = [], []
+def optimizer_groups(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, text_learning_rate: float | None = None
+) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, tokens, position tables and the logit scale; the text encoder
+    at its own learning rate when one is given (a pretrained BERT next to a vision tower trained from scratch)."""
+    groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or name.endswith(("cls_token", "position_embedding", "logit_scale"))
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        is_text = name.startswith("unimedi.text_model.") and text_learning_rate is not None
+        key = (text_learning_rate if is_text else learning_rate, 0.0 if skip else weight_decay)
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
 def trackers(report_to: str) -> list[str]:
@@ -137,7 +157,9 @@ def train(config: PretrainConfig) -> Path:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     processor = build_processor(config, model.config)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, config.learning_rate, config.weight_decay, config.text_learning_rate)
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us

@@ -133,6 +133,23 @@ def test_text_encoder_gets_its_own_learning_rate():
     assert {group["lr"] for group in single} == {3e-4} and len(single) == 2
 
 
+def test_freezing_text_layers_stops_their_gradients_and_dropout():
+    from transformers import BertConfig, BertModel
+
+    from training.pretrain import freeze_text_layers
+
+    text_model = BertModel(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
+    assert freeze_text_layers(text_model, 0) == []
+    frozen = freeze_text_layers(text_model, 1)
+    assert frozen == [text_model.embeddings, text_model.encoder.layer[0]]
+    assert not any(p.requires_grad for module in frozen for p in module.parameters())
+    assert all(p.requires_grad for p in text_model.encoder.layer[1].parameters())
+    with pytest.raises(ValueError, match=r"freeze_text_layers must be in \[0, 2\], got 3"):
+        freeze_text_layers(text_model, 3)
+    with pytest.raises(ValueError, match="needs a BERT-family text encoder"):
+        freeze_text_layers(torch.nn.Linear(2, 2), 1)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -268,6 +285,25 @@ def test_vl_only_ablation_trains(tmp_path):
     run_training(tiny_run_args(data, tmp_path / "vl", ablation="vl", max_steps=2, save_every_steps=2))
     logged = losses(tmp_path / "vl")
     assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]
+
+
+def test_frozen_text_layers_stay_as_initialised_through_training(tmp_path):
+    from accelerate.utils import set_seed
+
+    from training.pretrain import build_model
+
+    data = fabricated_shards(tmp_path / "data")
+    args = tiny_run_args(data, tmp_path / "frozen", ablation="vl", max_steps=3, freeze_text_layers=1)
+    run_training(args)
+    config = load_config(None, args)
+    set_seed(config.seed)
+    initial = build_model(config).unimedi.text_model
+    trained = UniMedIModel.from_pretrained(tmp_path / "frozen" / "final").text_model
+    for frozen in ("embeddings", "encoder.layer.0"):
+        for name, param in initial.get_submodule(frozen).named_parameters():
+            torch.testing.assert_close(trained.get_submodule(frozen).get_parameter(name), param, rtol=0, atol=0)
+    moved = trained.encoder.layer[1].attention.self.query.weight - initial.encoder.layer[1].attention.self.query.weight
+    assert moved.abs().max() > 0
 
 
 def test_streams_read_shards_that_mix_modalities(tmp_path):

@@ -59,22 +59,24 @@ def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     model = UniMedIForPreTraining(parts.config)
     model.unimedi.load_state_dict(parts.state_dict())
     model.reset_teacher()
-    freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
     return model
 
 
-def freeze_text_layers(text_model: torch.nn.Module, num_layers: int) -> None:
+def freeze_text_layers(text_model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
     """Freeze a BERT-family encoder's embeddings and its `num_layers` bottom layers (no gradients, no optimizer
-    state): the pretrained language knowledge stays, and the backward pass skips the frozen part."""
+    state): the pretrained language knowledge stays, and the backward pass skips the frozen part. Returns the frozen
+    modules, which training keeps in eval mode: dropout in a frozen encoder only adds noise to the report targets."""
     if num_layers == 0:
-        return
+        return []
     layers = getattr(getattr(text_model, "encoder", None), "layer", None)
     if layers is None or not hasattr(text_model, "embeddings"):
         raise ValueError(f"freeze_text_layers needs a BERT-family text encoder, got {type(text_model).__name__}")
     if not 0 <= num_layers <= len(layers):
         raise ValueError(f"freeze_text_layers must be in [0, {len(layers)}], got {num_layers}")
-    for module in [text_model.embeddings, *layers[:num_layers]]:
+    frozen = [text_model.embeddings, *layers[:num_layers]]
+    for module in frozen:
         module.requires_grad_(False)
+    return frozen
 
 
 def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
@@ -154,6 +156,7 @@ def train(config: PretrainConfig) -> Path:
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
 
     model = build_model(config)
+    frozen = freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     processor = build_processor(config, model.config)
@@ -185,6 +188,8 @@ def train(config: PretrainConfig) -> Path:
 
     accelerator.init_trackers("unimedi-pretrain", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     model.train()
+    for module in frozen:
+        module.eval()
     progress = tqdm(
         range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process
     )

@@ -68,7 +68,6 @@ GPU_SCALE_OVERRIDES = [
     "model_config.dino_out_dim=4096",
     "model_config.dino_hidden_dim=1024",
     "model_config.dino_bottleneck_dim=256",
-    "max_length=128",
     "batch_size=64",
     "max_steps=2000",
     "learning_rate=2.0e-4",

@@ -123,7 +123,7 @@ def test_text_encoder_gets_its_own_learning_rate():
     model = UniMedIForPreTraining(tiny_config())
     groups = optimizer_groups(model, learning_rate=3e-4, weight_decay=0.05, text_learning_rate=3e-5)
     setting = {id(param): (group["lr"], group["weight_decay"]) for group in groups for param in group["params"]}
-    trainable = dict((name, param) for name, param in model.named_parameters() if param.requires_grad)
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
     assert sum(len(group["params"]) for group in groups) == len(setting) == len(trainable)
     for name, param in trainable.items():
         lr, decay = setting[id(param)]

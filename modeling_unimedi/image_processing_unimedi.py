@@ -202,7 +202,8 @@ class UniMedIImageProcessor(BaseImageProcessor):
         crop_size (`int`, defaults to 224): side of the square crop taken from the padded image: centred, or random
             when called with ``training=True``.
         num_channels (`int`, defaults to 3): grayscale is replicated to this many channels.
-        image_mean, image_std (`float` or per-channel list, defaults 0.5 and 0.5): output = (x - mean) / std, x in [0, 1].
+        image_mean, image_std (`float` or per-channel list, defaults 0.5 and 0.5): output = (x - mean) / std, x in
+            [0, 1].
         apply_voi_lut (`bool`, defaults to True): apply a DICOM's VOI LUT or window (after its modality LUT / rescale).
     """
 

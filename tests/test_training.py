@@ -144,8 +144,11 @@ def test_freezing_text_layers_stops_their_gradients_and_dropout():
     assert frozen == [text_model.embeddings, text_model.encoder.layer[0]]
     assert not any(p.requires_grad for module in frozen for p in module.parameters())
     assert all(p.requires_grad for p in text_model.encoder.layer[1].parameters())
-    with pytest.raises(ValueError, match=r"freeze_text_layers must be in \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"must be 'all' or in \[0, 2\], got 3"):
         freeze_text_layers(text_model, 3)
+    with pytest.raises(ValueError, match="got 'most'"):
+        freeze_text_layers(text_model, "most")
+    assert len(freeze_text_layers(text_model, "all")) == 3
     with pytest.raises(ValueError, match="needs a BERT-family text encoder"):
         freeze_text_layers(torch.nn.Linear(2, 2), 1)
 

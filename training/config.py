@@ -26,7 +26,9 @@ class PretrainConfig:
     text_checkpoint: str | None = "emilyalsentzer/Bio_ClinicalBERT"  # BERT-family folder or Hub id
     tokenizer: str | None = None  # defaults to text_checkpoint
     max_length: int = 256
-    freeze_text_layers: int = 0  # freeze the text embeddings and this many bottom layers (ConVIRT froze 6 of 12)
+    freeze_text_layers: int | str = (
+        0  # freeze the text embeddings and this many bottom layers, or "all" (ConVIRT: 6/12)
+    )
     # optimisation (paper: AdamW, lr 2e-5, weight decay 0.05, 20 warm-up epochs then cosine, batch 144, 50 epochs)
     learning_rate: float = 2e-5
     text_learning_rate: float | None = None  # the text encoder's own rate; None: learning_rate

@@ -62,17 +62,19 @@ def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     return model
 
 
-def freeze_text_layers(text_model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
+def freeze_text_layers(text_model: torch.nn.Module, num_layers: int | str) -> list[torch.nn.Module]:
     """Freeze a BERT-family encoder's embeddings and its `num_layers` bottom layers (no gradients, no optimizer
     state): the pretrained language knowledge stays, and the backward pass skips the frozen part. Returns the frozen
-    modules, which training keeps in eval mode: dropout in a frozen encoder only adds noise to the report targets."""
+    modules, which training keeps in eval mode: dropout in a frozen encoder only adds noise to the report targets.
+    `num_layers="all"` freezes the whole encoder."""
     if num_layers == 0:
         return []
     layers = getattr(getattr(text_model, "encoder", None), "layer", None)
     if layers is None or not hasattr(text_model, "embeddings"):
         raise ValueError(f"freeze_text_layers needs a BERT-family text encoder, got {type(text_model).__name__}")
-    if not 0 <= num_layers <= len(layers):
-        raise ValueError(f"freeze_text_layers must be in [0, {len(layers)}], got {num_layers}")
+    num_layers = len(layers) if num_layers == "all" else num_layers
+    if not isinstance(num_layers, int) or not 0 <= num_layers <= len(layers):
+        raise ValueError(f"freeze_text_layers must be 'all' or in [0, {len(layers)}], got {num_layers!r}")
     frozen = [text_model.embeddings, *layers[:num_layers]]
     for module in frozen:
         module.requires_grad_(False)

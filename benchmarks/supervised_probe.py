@@ -5,11 +5,10 @@
     python benchmarks/supervised_probe.py --reports                         # the frozen text encoder instead
 
 Trains the demo configuration's UniMedIVisionModel from scratch with a linear head and per-finding binary
-cross-entropy on the train-split X-rays (labels, not reports; random crops on, AdamW with warm-up and cosine decay as in
-pretraining), then prints the test-split AUROC per finding every `--eval-every` steps. If this control cannot learn a
-finding, a contrastive model with the same encoder and budget cannot either: the problem is the encoder, its input or
-the data, not the CLIP/DINO objective. X-rays are decoded and preprocessed once and kept in memory (~100 MB for the
-default 480 training images).
+cross-entropy on the train-split X-rays (labels, not reports; the pretraining X-ray processor with its random crops,
+AdamW with warm-up and cosine decay as in pretraining), then prints the test-split AUROC per finding every
+`--eval-every` steps. If this control cannot learn a finding, a contrastive model with the same encoder and budget
+cannot either: the problem is the encoder, its input or the data, not the CLIP/DINO objective.
 
 `--reports` checks the other side: logistic regression on the config's pretrained text encoder's [CLS] states of the
 X-ray and CT reports (frozen, at the config's `max_length`), AUROC per finding on the test reports. A text encoder
@@ -25,52 +24,31 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from modeling_unimedi import UniMedIImageProcessor, UniMedIVisionConfig, UniMedIVisionModel
+from modeling_unimedi import UniMedIVisionConfig, UniMedIVisionModel
 from processing.groundtruth_reports import FINDING_NAMES
 from processing.samples import resolve
 from processing.schema import XRAY
 from processing.shards import stream_split
 from training.config import load_config
+from training.pretrain import xray_processor
 
 
-def load_xrays(data: str, split: str, processor: UniMedIImageProcessor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 1, S, S) padded-but-uncropped X-rays on [0, 1] and (N, findings) labels; cropping happens per step."""
+def load_xrays(data: str, split: str) -> tuple[list, torch.Tensor]:
+    """The split's decoded X-rays and their (N, findings) labels."""
     images, labels = [], []
     for record in stream_split(data, split):
         if record["modality"] == XRAY:
             images.append(record["image"])
             labels.append([name in record["labels"] for name in FINDING_NAMES])
-    whole = UniMedIImageProcessor(
-        longest_edge=processor.longest_edge,
-        crop_size=processor.longest_edge,
-        num_channels=1,
-        image_mean=0,
-        image_std=1,
-    )
-    return whole(images)["pixel_values"], torch.tensor(labels, dtype=torch.float32)
+    return images, torch.tensor(labels, dtype=torch.float32)
 
 
-def crop_and_normalise(batch: torch.Tensor, processor: UniMedIImageProcessor, training: bool) -> torch.Tensor:
-    """The processor's crop (random when training, else centred) and normalisation, on already padded images."""
-    slack = processor.longest_edge - processor.crop_size
-    crops = []
-    for image in batch:
-        top, left = torch.randint(0, slack + 1, (2,)).tolist() if training else (slack // 2, slack // 2)
-        crops.append(image[:, top : top + processor.crop_size, left : left + processor.crop_size])
-    crops = torch.stack(crops).expand(-1, processor.num_channels, -1, -1)
-    mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
-    return (crops - mean) / std
-
-
-def test_auroc(encoder, head, images, labels, processor) -> list[float]:
+def evaluate_auroc(encoder, head, images: list, labels: torch.Tensor, processor) -> list[float]:
+    """Test AUROC per finding (centre crops)."""
     encoder.eval()
     with torch.no_grad():
         scores = torch.cat(
-            [
-                head(encoder(pixel_values=crop_and_normalise(images[i : i + 32], processor, False)).pooler_output)
-                for i in range(0, len(images), 32)
-            ]
+            [head(encoder(**processor(images[i : i + 32])).pooler_output) for i in range(0, len(images), 32)]
         )
     encoder.train()
     return [roc_auc_score(labels[:, j], scores[:, j]) for j in range(labels.shape[1])]
@@ -129,11 +107,9 @@ def main():
         for key, value in (("image_mean", args.image_mean), ("image_std", args.image_std))
         if value is not None
     }
-    processor = UniMedIImageProcessor(
-        longest_edge=round(vision_config.image_size * 256 / 224), crop_size=vision_config.image_size, **normalisation
-    )
-    train_images, train_labels = load_xrays(args.data, "train", processor)
-    test_images, test_labels = load_xrays(args.data, "test", processor)
+    processor = xray_processor(vision_config, **normalisation)
+    train_images, train_labels = load_xrays(args.data, "train")
+    test_images, test_labels = load_xrays(args.data, "test")
 
     encoder = UniMedIVisionModel(vision_config)
     head = torch.nn.Linear(vision_config.hidden_size, len(FINDING_NAMES))
@@ -149,8 +125,8 @@ def main():
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         index = torch.randint(0, len(train_images), (args.batch_size,))
-        pixel_values = crop_and_normalise(train_images[index], processor, training=True)
-        logits = head(encoder(pixel_values=pixel_values).pooler_output)
+        inputs = processor([train_images[i] for i in index], training=True)
+        logits = head(encoder(**inputs).pooler_output)
         loss = F.binary_cross_entropy_with_logits(logits, train_labels[index])
         optimizer.zero_grad()
         loss.backward()
@@ -158,7 +134,7 @@ def main():
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
-            aurocs = test_auroc(encoder, head, test_images, test_labels, processor)
+            aurocs = evaluate_auroc(encoder, head, test_images, test_labels, processor)
             print(f"| {step} | {loss.item():.3f} | " + " | ".join(f"{100 * a:.1f}" for a in aurocs) + " |")
     print(f"{time.perf_counter() - started:.0f} s, {args.threads} thread(s)")
 

@@ -81,15 +81,21 @@ def freeze_text_layers(text_model: torch.nn.Module, num_layers: int | str) -> li
     return frozen
 
 
+def xray_processor(vision_config, **kwargs) -> UniMedIImageProcessor:
+    """X-ray processor for the model's input size, with the paper's 256 -> 224 resize/crop ratio."""
+    return UniMedIImageProcessor(
+        longest_edge=round(vision_config.image_size * 256 / 224),
+        crop_size=vision_config.image_size,
+        num_channels=vision_config.num_channels,
+        **kwargs,
+    )
+
+
 def build_processor(config: PretrainConfig, model_config) -> UniMedIProcessor:
-    """Processor matching the model's input sizes; the paper's 256 -> 224 resize/crop ratio for X-rays."""
+    """Processor matching the model's input sizes."""
     vision = model_config.vision_config
     return UniMedIProcessor(
-        image_processor=UniMedIImageProcessor(
-            longest_edge=round(vision.image_size * 256 / 224),
-            crop_size=vision.image_size,
-            num_channels=vision.num_channels,
-        ),
+        image_processor=xray_processor(vision),
         tokenizer=AutoTokenizer.from_pretrained(resolve(config.tokenizer or config.text_checkpoint)),
         volume_processor=UniMedIVolumeProcessor(volume_size=tuple(vision.volume_size)),
         max_length=config.max_length,

@@ -7,6 +7,7 @@ id, unless ``keep_spanish=True`` knowingly keeps it in Spanish. BIMCV ships no t
 split by a hash of their id. Assumed layout and its sources: processing/README.md.
 """
 
+import argparse
 import ast
 import hashlib
 import json
@@ -23,10 +24,11 @@ from modeling_unimedi.report_processing_unimedi import (
     report_text,
 )
 
-from .prepare import (
+from .pipeline import (
     MISSING_FILE,
     UNREADABLE_FILE,
     CTCandidate,
+    DatasetCommand,
     Drop,
     PrepareLog,
     load_ct_record,
@@ -250,3 +252,34 @@ class _SessionReports:
             session_id.strip(): evaluation_text(cell)
             for session_id, cell in zip(rows["session_id"], rows["medical_evaluation"])
         }
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--translations", type=Path, help="English reports keyed by report id (.json, .csv or .tsv)")
+    parser.add_argument(
+        "--keep-spanish", action="store_true", help="keep reports without a translation in Spanish (opt-in)"
+    )
+    parser.add_argument("--validation-fraction", type=float, default=0.05, help="share of subjects for validation")
+    parser.add_argument("--test-fraction", type=float, default=0.0, help="share of subjects for test")
+
+
+def _open_reader(args: argparse.Namespace):
+    translator = translations_from_file(args.translations) if args.translations else None
+    options = {
+        "num_proc": args.num_proc,
+        "keep_spanish": args.keep_spanish,
+        "validation_fraction": args.validation_fraction,
+        "test_fraction": args.test_fraction,
+    }
+    return options, lambda split, log: read_bimcv(args.root, split, translator=translator, log=log, **options)
+
+
+COMMAND = DatasetCommand(
+    name="bimcv",
+    help="BIMCV-COVID19+ chest CTs with their (translated) reports",
+    splits=SPLITS,
+    records_per_shard=32,
+    add_arguments=_add_arguments,
+    open_reader=_open_reader,
+    input_files=("translations",),
+)

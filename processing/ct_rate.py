@@ -7,6 +7,7 @@ first release) the stored values are mapped to HU with the CSV's RescaleSlope/Re
 already hold HU (``intensity="hu"``). Official splits: ``train`` and ``valid`` (-> "validation"). Layout: README.md.
 """
 
+import argparse
 import ast
 import math
 import os
@@ -24,7 +25,7 @@ from modeling_unimedi.report_processing_unimedi import (
     join_sections,
 )
 
-from .prepare import CTCandidate, Drop, PrepareLog, load_ct_record, load_records, read_table
+from .pipeline import CTCandidate, DatasetCommand, Drop, PrepareLog, load_ct_record, load_records, read_table
 
 SOURCE = "ct-rate"
 SPLITS = ("validation", "train")
@@ -156,3 +157,28 @@ def _positive(value, name: str) -> float:
     if number <= 0:
         raise ValueError(f"{name} {value!r} is not a positive size")
     return number
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--intensity",
+        choices=INTENSITIES,
+        default="raw",
+        help="raw: NIfTIs hold stored values, apply the metadata CSV's RescaleSlope/Intercept (first release); "
+        "hu: NIfTIs already hold HU (CT-RATE v2)",
+    )
+
+
+def _open_reader(args: argparse.Namespace):
+    options = {"num_proc": args.num_proc, "intensity": args.intensity}
+    return options, lambda split, log: read_ct_rate(args.root, split, log=log, **options)
+
+
+COMMAND = DatasetCommand(
+    name="ct-rate",
+    help="CT-RATE chest CTs with English reports",
+    splits=SPLITS,
+    records_per_shard=32,
+    add_arguments=_add_arguments,
+    open_reader=_open_reader,
+)

@@ -5,6 +5,7 @@ FINDINGS + IMPRESSION, and reports with fewer than three sentences are dropped. 
 ``mimic-cxr-2.0.0-split.csv`` ("validate" becomes "validation"). Assumed layout: processing/README.md.
 """
 
+import argparse
 import io
 import os
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from PIL import Image
 
 from modeling_unimedi.report_processing_unimedi import MIN_REPORT_SENTENCES, count_sentences, report_text
 
-from .prepare import MISSING_FILE, UNREADABLE_FILE, Drop, PrepareLog, load_records, read_table
+from .pipeline import MISSING_FILE, UNREADABLE_FILE, DatasetCommand, Drop, PrepareLog, load_records, read_table
 from .schema import xray_record
 
 SOURCE = "mimic-cxr"
@@ -177,3 +178,28 @@ class _StudyReports:
         if sentences < MIN_REPORT_SENTENCES:
             return None, "report_too_short", str(path), f"{sentences} sentences"
         return text, None, str(path), ""
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reports", required=True, type=Path, help="folder of mimic-cxr-reports (holds files/p10/...)"
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=512, help="downscale X-rays whose longer side exceeds this (0 keeps originals)"
+    )
+
+
+def _open_reader(args: argparse.Namespace):
+    options = {"num_proc": args.num_proc, "max_side": args.max_side}
+    return options, lambda split, log: read_mimic_cxr(args.root, args.reports, split, log=log, **options)
+
+
+COMMAND = DatasetCommand(
+    name="mimic-cxr",
+    help="MIMIC-CXR-JPG 2.0.0 frontal X-rays with MIMIC-CXR reports",
+    splits=SPLITS,
+    records_per_shard=256,
+    add_arguments=_add_arguments,
+    open_reader=_open_reader,
+    input_files=("reports",),
+)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from processing import bimcv, ct_rate, mimic_cxr
-from processing.prepare import SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, main, prepare
+from processing.pipeline import SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
+from processing.prepare import main
 from processing.schema import CANONICAL_ORIENTATION, CT, XRAY, decode_volume
 from processing.shards import stream_split
 

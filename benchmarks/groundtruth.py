@@ -43,7 +43,10 @@ import torch
 from processing.groundtruth import DISCLAIMER
 from processing.schema import CT, XRAY
 from training.config import load_config
-from training.evaluate import ANY_LESION, evaluate, markdown_report
+from training.evaluate import evaluate
+from training.evaluation.markdown import percent, table
+from training.evaluation.report import markdown_report
+from training.evaluation.slice_selection import ANY_LESION
 from training.pretrain import train
 
 LOGGER = logging.getLogger("unimedi.benchmark")
@@ -155,10 +158,6 @@ def evaluate_existing(args) -> dict:
 # --- summary ---------------------------------------------------------------------------------------------------------
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
-
-
 def main_selection_row(metrics: dict, lesion: str) -> dict | None:
     """The slice-selection row of `lesion` for the model's configured k (the first rule evaluated)."""
     rows = metrics["slice_selection"]["rows"]
@@ -169,58 +168,66 @@ def main_selection_row(metrics: dict, lesion: str) -> dict | None:
 def _hit_cell(row: dict | None) -> str:
     if row is None:
         return "n/a"
-    rates = f"{_pct(row['hit_rate'])} vs {_pct(row['random_hit_rate'])}"
+    rates = f"{percent(row['hit_rate'])} vs {percent(row['random_hit_rate'])}"
     return f"{rates} (k={row['k']}, n={row['cts']}, p={row['p_value']:.2f})"
 
 
 def summary_tables(results: dict[str, dict]) -> list[str]:
     findings = ("nodule", "pleural_effusion", "consolidation", "mean")
-    lines = [
+    auroc_header = ["run", *(f"X-ray {name}" for name in findings), *(f"CT {name}" for name in findings)]
+    auroc_rows = [
+        [
+            result["label"],
+            *(percent(result["zero_shot_auroc"][modality][name]) for modality in (XRAY, CT) for name in findings),
+        ]
+        for result in results.values()
+    ]
+    header = [
+        "run",
+        "nodule slabs hit",
+        "any lesion hit",
+        "report->X-ray R@1/R@5",
+        "report->CT R@1/R@5",
+        "X-ray->CT NN",
+        "CT->X-ray NN",
+        "X-ray/CT/report cosine",
+        "train min",
+    ]
+    return [
         "### Zero-shot AUROC (%), one finding vs rest, positive vs negative prompt ensembles",
         "",
-        "| run | "
-        + " | ".join(f"X-ray {name}" for name in findings)
-        + " | "
-        + " | ".join(f"CT {name}" for name in findings)
-        + " |",
-        "|---" * (1 + 2 * len(findings)) + "|",
-    ]
-    for result in results.values():
-        aurocs = result["zero_shot_auroc"]
-        cells = [_pct(aurocs[modality][name]) for modality in (XRAY, CT) for name in findings]
-        lines.append(f"| {result['label']} | " + " | ".join(cells) + " |")
-    lines += [
+        *table(auroc_header, auroc_rows),
         "",
         "### Slice selection (hit % vs exact random %), retrieval (same-text Recall@1/@5 %), alignment (% vs random)",
         "",
         "Cosine: mean pairwise cosine of the test X-ray, CT and X-ray report embeddings (near 1: collapsed).",
         "",
-        "| run | nodule slabs hit | any lesion hit | report->X-ray R@1/R@5 | report->CT R@1/R@5 | X-ray->CT NN "
-        + "| CT->X-ray NN | X-ray/CT/report cosine | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table(header, [_summary_row(result) for result in results.values()]),
     ]
-    for result in results.values():
-        retrieval = [
-            "/".join(_pct(result["retrieval"][f"report_to_{modality}"][f"R@{k}"]["same_text"]) for k in (1, 5))
-            for modality in (XRAY, CT)
-        ]
-        alignment = [
-            f"{_pct(result['alignment'][direction]['rate'])} vs {_pct(result['alignment'][direction]['random_rate'])}"
-            for direction in ("xray_to_ct", "ct_to_xray")
-        ]
-        spread = result["embedding_spread"]
-        cosines = "/".join(
-            f"{value:.3f}" for value in (spread["xray_vision"], spread["ct_vision"], spread["xray_reports"])
-        )
-        minutes = "not trained here" if result["train_seconds"] is None else f"{result['train_seconds'] / 60:.1f}"
-        cells = [_hit_cell(main_selection_row(result, kind)) for kind in ("nodule", ANY_LESION)]
-        lines.append(f"| {result['label']} | " + " | ".join([*cells, *retrieval, *alignment, cosines, minutes]) + " |")
-    return lines
+
+
+def _summary_row(result: dict) -> list[str]:
+    """One run's cells of the second summary table."""
+    retrieval = [
+        "/".join(percent(result["retrieval"][f"report_to_{modality}"][f"R@{k}"]["same_text"]) for k in (1, 5))
+        for modality in (XRAY, CT)
+    ]
+    alignment = [
+        f"{percent(result['alignment'][direction]['rate'])} vs {percent(result['alignment'][direction]['random_rate'])}"
+        for direction in ("xray_to_ct", "ct_to_xray")
+    ]
+    spread = result["embedding_spread"]
+    cosines = "/".join(
+        f"{value:.3f}" for value in (spread["xray_vision"], spread["ct_vision"], spread["xray_reports"])
+    )
+    minutes = "not trained here" if result["train_seconds"] is None else f"{result['train_seconds'] / 60:.1f}"
+    hits = [_hit_cell(main_selection_row(result, kind)) for kind in ("nodule", ANY_LESION)]
+    return [result["label"], *hits, *retrieval, *alignment, cosines, minutes]
 
 
 def _order_check(results: dict, metric_name: str, value_of) -> str:
     values = {name: value_of(results[name]) for name in ABLATION_ORDER}
-    shown = ", ".join(f"{results[name]['label'].split(' ')[0]} {_pct(values[name])}" for name in ABLATION_ORDER)
+    shown = ", ".join(f"{results[name]['label'].split(' ')[0]} {percent(values[name])}" for name in ABLATION_ORDER)
     if any(value is None for value in values.values()):
         return f"Ablation order on {metric_name}: undefined ({shown})."
     ordered = all(values[a] < values[b] for a, b in itertools.pairwise(ABLATION_ORDER))
@@ -256,7 +263,7 @@ def findings(results: dict) -> list[str]:
             better = "beats" if joint > alone else "does NOT beat"
             statements.append(
                 f"The joint model {better} the separate {name} model on {name} mean AUROC: "
-                f"{_pct(joint)} vs {_pct(alone)}."
+                f"{percent(joint)} vs {percent(alone)}."
             )
     if len(results) > 1:
         counts = main["counts"]

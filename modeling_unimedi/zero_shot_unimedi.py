@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .metrics_unimedi import recall_at_k
+
 DEFAULT_BATCH_SIZE = 32
 # In the prompts of a named class, "{}" stands for the class name: {"pneumonia": ["Findings consistent with {}."]}.
 CLASS_NAME_PLACEHOLDER = "{}"
@@ -99,31 +101,6 @@ def _prompts_of_class(name, prompts, index: int) -> list[str]:
                 "give class_prompts as a dict class name -> prompts"
             )
     return list(prompts) if name is None else [prompt.replace(CLASS_NAME_PLACEHOLDER, str(name)) for prompt in prompts]
-
-
-def recall_at_k(similarity: torch.Tensor, k: int) -> float:
-    """Share of queries whose positive is among the k most similar candidates.
-
-    `similarity` is (num_queries, num_candidates) and the i-th query's positive is the i-th candidate (so
-    num_queries <= num_candidates; extra candidates are distractors). For the other direction pass `similarity.T`.
-    Ties count against the query: a candidate scoring exactly as high as the positive ranks before it, so a constant
-    similarity matrix does not score a perfect recall.
-    """
-    if similarity.ndim != 2:
-        raise ValueError(f"similarity must be (num_queries, num_candidates), got shape {tuple(similarity.shape)}")
-    num_queries, num_candidates = similarity.shape
-    if num_queries == 0 or num_queries > num_candidates:
-        raise ValueError(
-            f"similarity has {num_queries} queries and {num_candidates} candidates; the i-th query's positive is the "
-            "i-th candidate, so there must be at least one query and no more queries than candidates"
-        )
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not torch.isfinite(similarity).all():
-        raise ValueError("similarity holds NaN or infinite values")
-    positives = similarity.diagonal()[:, None]
-    rivals = (similarity >= positives).sum(dim=1) - 1  # candidates at least as similar, the positive itself excluded
-    return (rivals < k).float().mean().item()
 
 
 class UniMedIZeroShot:

@@ -1,5 +1,6 @@
-"""training/evaluate.py: the exact random hit rate, slice hit rates, recall with duplicate reports, AUROC and alignment
-wiring on planted embeddings, and the CLI end to end on a tiny saved model and a tiny generated benchmark."""
+"""training/evaluate.py and training/evaluation/: the exact random hit rate, slice hit rates, recall with duplicate
+reports, AUROC and alignment wiring on planted embeddings, and the CLI end to end on a tiny saved model and a tiny
+generated benchmark."""
 
 import json
 import os
@@ -15,28 +16,20 @@ from PIL import Image
 from tiny_configs import TINY_TEXT, TINY_VISION, minilm_path, tiny_config
 
 from modeling_unimedi import UniMedIForPreTraining
-from modeling_unimedi.zero_shot_unimedi import recall_at_k
+from modeling_unimedi.metrics_unimedi import recall_at_k, recall_at_k_relevant
 from processing.groundtruth import GroundTruthConfig, generate
 from training.config import PretrainConfig
-from training.evaluate import (
-    ANY_LESION,
+from training.evaluation.data import load_model, load_samples
+from training.evaluation.measures import (
     FINDING_PROMPTS,
-    collapse_verdicts,
-    hit_statistics,
-    lesion_slabs,
-    load_model,
-    load_samples,
     mean_pairwise_cosine,
     nearest_neighbour_agreement,
-    poisson_binomial_tail,
-    random_hit_probability,
-    recall_at_k_relevant,
     same_text,
-    selection_ks,
-    selection_verdicts,
-    slice_selection,
     zero_shot_aurocs,
 )
+from training.evaluation.report import collapse_verdicts, selection_verdicts
+from training.evaluation.slice_selection import ANY_LESION, lesion_slabs, selection_ks, slice_selection
+from training.evaluation.statistics import hit_statistics, poisson_binomial_tail, random_hit_probability
 from training.pretrain import build_processor
 
 # The generator's grid (32 x 128 x 128) with demo-sized patches: 4 x 4 x 4 = 64 volume tokens, 2 x 2 image tokens.

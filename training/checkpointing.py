@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from accelerate import Accelerator
+
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -90,3 +92,29 @@ def prune(root: str | Path, keep: int) -> None:
     complete = [f for f in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (f / MANIFEST).is_file()]
     for old in complete[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save(accelerator: Accelerator, root: Path, step: int, batches, keep: int) -> None:
+    """Model, optimizer, scheduler, RNG states, EMA teacher and DINO centres (model buffers) and each rank's data
+    position (`batches.state_dict()`), sealed atomically by the main process once every rank has written its part."""
+    tmp, final = temporary_dir(root, step), checkpoint_dir(root, step)
+    accelerator.save_state(str(tmp))
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tmp / f"data_state_rank{accelerator.process_index}.json", {"step": step, **batches.state_dict()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finalize(tmp, final, step)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, root: Path, batches) -> int:
+    """Restore the newest complete checkpoint under `root` and this rank's data position; returns its step."""
+    folder = latest_complete(root)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
+    accelerator.load_state(str(folder))
+    data_state = json.loads((folder / f"data_state_rank{accelerator.process_index}.json").read_text())
+    batches.load_state_dict(data_state)
+    logger.info("resumed from %s (step %d)", folder, data_state["step"])
+    return int(data_state["step"])

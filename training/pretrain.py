@@ -5,7 +5,8 @@
     python -m training.pretrain --resume               # continue from the last complete checkpoint
 
 Writes `checkpoints/step-*` (atomic, verified on resume), `train_log.jsonl`, tracker logs, and `final/` with the
-model (`UniMedIModel.from_pretrained("…/final")` loads it), the processor and a filled-in model card.
+model (`UniMedIModel.from_pretrained("…/final")` loads it), the processor and a filled-in model card. This module builds
+the parts (model, processor, optimizer, schedules, data); the loop over optimizer steps is `training.engine`.
 """
 
 import dataclasses
@@ -15,18 +16,15 @@ import logging
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from modeling_unimedi import UniMedIForPreTraining, UniMedIModel
-from modeling_unimedi.configuration_unimedi import ABLATION_SETTINGS
+from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import UniMedIProcessor
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
@@ -34,10 +32,19 @@ from processing.samples import resolve
 from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
 from training.data import MixedBatches, PretrainCollator, shard_files
+from training.engine import TrainingRun, train_loop
 from training.model_card import write_model_card
 
 logger = logging.getLogger("unimedi.pretrain")
-LOSS_KEYS = ("loss", "vl_loss", "icl_loss", "pcl_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps the run takes, and how many samples each process loads per micro-batch."""
+
+    per_device_batch_size: int
+    total_steps: int
+    warmup_steps: int
 
 
 def ensure_default_data(config: PretrainConfig) -> None:
@@ -52,11 +59,14 @@ def ensure_default_data(config: PretrainConfig) -> None:
 
 def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     """A new pretraining model: the ablation's switches, config overrides, and pretrained parts if given."""
-    model_kwargs = {**ABLATION_SETTINGS[config.ablation], **config.model_config}
     parts = UniMedIModel.from_pretrained_parts(
-        resolve(config.vision_checkpoint), resolve(config.text_checkpoint), **model_kwargs
+        resolve(config.vision_checkpoint), resolve(config.text_checkpoint), **config.model_config
     )
-    model = UniMedIForPreTraining(parts.config)
+    # The ablation switches are pretraining-only fields: the parts' weights fit every row of Table 7.
+    model_config = UniMedIConfig.for_ablation(
+        config.ablation, **{**config.model_config, "text_config": parts.config.text_config}
+    )
+    model = UniMedIForPreTraining(model_config)
     model.unimedi.load_state_dict(parts.state_dict())
     model.reset_teacher()
     return model
@@ -134,26 +144,15 @@ def trackers(report_to: str) -> list[str]:
     return [report_to]
 
 
-def train(config: PretrainConfig) -> Path:
-    output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers(config.report_to) or None,
-        project_dir=str(output_dir),
-    )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        ensure_default_data(config)
-    accelerator.wait_for_everyone()
-
-    world = accelerator.num_processes
-    per_device = config.batch_size // (world * config.gradient_accumulation_steps)
-    if per_device < 1 or per_device * world * config.gradient_accumulation_steps != config.batch_size:
+def plan_steps(config: PretrainConfig, num_processes: int) -> StepPlan:
+    """The per-process batch size (the global batch split over processes and accumulation steps) and the step counts:
+    `max_steps`, or `num_epochs` over the local shards' record count."""
+    accumulation = config.gradient_accumulation_steps
+    per_device = config.batch_size // (num_processes * accumulation)
+    if per_device < 1 or per_device * num_processes * accumulation != config.batch_size:
         raise ValueError(
-            f"batch_size {config.batch_size} must split evenly over {world} process(es) x "
-            f"{config.gradient_accumulation_steps} accumulation step(s)"
+            f"batch_size {config.batch_size} must split evenly over {num_processes} process(es) x "
+            f"{accumulation} accumulation step(s)"
         )
     if config.max_steps is not None:
         total_steps = config.max_steps
@@ -161,7 +160,49 @@ def train(config: PretrainConfig) -> Path:
     else:
         steps_per_epoch = math.ceil(count_records(config.train_data, config.train_split) / config.batch_size)
         total_steps = math.ceil(config.num_epochs * steps_per_epoch)
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    return StepPlan(per_device, total_steps, round(config.warmup_epochs * steps_per_epoch))
+
+
+def build_schedulers(optimizer: torch.optim.Optimizer, plan: StepPlan) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay of every group's learning rate, stepped once per optimizer step."""
+    return get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
+
+
+def build_accelerator(config: PretrainConfig) -> Accelerator:
+    """The Accelerator of the run (precision, accumulation, trackers), with logging and seeds set up on every rank."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers(config.report_to) or None,
+        project_dir=str(Path(config.output_dir)),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    set_seed(config.seed)
+    return accelerator
+
+
+def build_batches(config: PretrainConfig, plan: StepPlan, accelerator: Accelerator) -> MixedBatches:
+    """This rank's share of the mixed X-ray/CT batches."""
+    return MixedBatches(
+        config.train_data,
+        config.train_split,
+        plan.per_device_batch_size,
+        config.ct_fraction,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=config.seed,
+        buffer=config.shuffle_buffer,
+    )
+
+
+def train(config: PretrainConfig) -> Path:
+    """Build the run's parts, run `training.engine.train_loop`, and save `final/`; returns the folder written last."""
+    output_dir = Path(config.output_dir)
+    accelerator = build_accelerator(config)
+    if accelerator.is_main_process:
+        ensure_default_data(config)
+    accelerator.wait_for_everyone()
+    plan = plan_steps(config, accelerator.num_processes)
 
     model = build_model(config)
     frozen = freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
@@ -171,86 +212,31 @@ def train(config: PretrainConfig) -> Path:
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, config.learning_rate, config.weight_decay, config.text_learning_rate)
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scheduler = build_schedulers(optimizer, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
-    pretraining_model: UniMedIForPreTraining = accelerator.unwrap_model(model)
-
-    batches = MixedBatches(
-        config.train_data,
-        config.train_split,
-        per_device,
-        config.ct_fraction,
-        rank=accelerator.process_index,
-        world_size=world,
-        seed=config.seed,
-        buffer=config.shuffle_buffer,
-    )
+    batches = build_batches(config, plan, accelerator)
     collate = PretrainCollator(processor, training=True)
-    checkpoints = output_dir / "checkpoints"
-    log_file = output_dir / "train_log.jsonl"
-    start_step = resume(accelerator, checkpoints, batches) if config.resume else 0
+    run = TrainingRun(
+        config, accelerator, model, optimizer, scheduler, batches, collate, frozen, plan.total_steps, output_dir
+    )
+    start_step = checkpointing.resume(accelerator, run.checkpoints, batches) if config.resume else 0
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, config, start_step)
     accelerator.wait_for_everyone()
 
     accelerator.init_trackers("unimedi-pretrain", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    model.train()
-    for module in frozen:
-        module.eval()
-    progress = tqdm(
-        range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_main_process
-    )
-    samples_seen = 0
-    started = time.perf_counter()
-    for step in range(start_step, total_steps):
-        totals = dict.fromkeys(LOSS_KEYS, 0.0)
-        for _ in range(config.gradient_accumulation_steps):
-            inputs = collate(*batches.next_batch()).to(accelerator.device)
-            with accelerator.accumulate(model):
-                out = model(**inputs)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for key in LOSS_KEYS:
-                if getattr(out, key) is not None:
-                    totals[key] += getattr(out, key).detach().float().item() / config.gradient_accumulation_steps
-            samples_seen += inputs["input_ids"].shape[0] * world
-        scheduler.step()
-        momentum = pretraining_model.update_teacher(total_steps)
-        record = {
-            "step": step + 1,
-            **{k: round(v, 6) for k, v in totals.items() if v},
-            "lr": scheduler.get_last_lr()[0],
-            "ema_momentum": momentum,
-            "samples_per_s": round(samples_seen / (time.perf_counter() - started), 3),
-        }
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
-            accelerator.log(record, step=step + 1)
-            logger.info(json.dumps(record))
-        if accelerator.is_main_process:
-            with open(log_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if (step + 1) % config.save_every_steps == 0 or step + 1 == total_steps:
-            save_checkpoint(accelerator, checkpoints, step + 1, batches, config.keep_checkpoints)
-        if config.stop_after_step is not None and step + 1 >= config.stop_after_step and step + 1 < total_steps:
-            logger.info("stopping after step %d as requested; resume with --resume", step + 1)
-            batches.close()
-            accelerator.end_training()
-            return checkpointing.checkpoint_dir(checkpoints, step + 1)
-    progress.close()
+    stopped_after = train_loop(run, start_step)
     batches.close()
-
+    if stopped_after is not None:
+        accelerator.end_training()
+        return checkpointing.checkpoint_dir(run.checkpoints, stopped_after)
     final = output_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pretraining_model.unimedi.save_pretrained(final)  # the inference model; checkpoints/ keep teacher and heads
+        accelerator.unwrap_model(model).unimedi.save_pretrained(final)  # checkpoints/ keep the teacher and heads
         processor.save_pretrained(final)
-        write_model_card(final / "README.md", config, total_steps=total_steps, log_file=log_file)
+        write_model_card(final / "README.md", config, total_steps=plan.total_steps, log_file=run.log_file)
         logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)
     accelerator.end_training()
     return final
@@ -272,33 +258,6 @@ def prepare_output_dir(output_dir: Path, config: PretrainConfig, start_step: int
         log_file.write_text("".join(line + "\n" for line in kept))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "pretrain_config.json").write_text(to_json(config))
-
-
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, batches: MixedBatches, keep: int) -> None:
-    """Model, optimizer, scheduler, RNG states, EMA teacher and DINO centres (model buffers) and each rank's data
-    position, sealed atomically by the main process once every rank has written its part."""
-    tmp, final = checkpointing.temporary_dir(root, step), checkpointing.checkpoint_dir(root, step)
-    accelerator.save_state(str(tmp))
-    tmp.mkdir(parents=True, exist_ok=True)
-    checkpointing.write_json_atomic(
-        tmp / f"data_state_rank{accelerator.process_index}.json", {"step": step, **batches.state_dict()}
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        checkpointing.finalize(tmp, final, step)
-        checkpointing.prune(root, keep)
-    accelerator.wait_for_everyone()
-
-
-def resume(accelerator: Accelerator, root: Path, batches: MixedBatches) -> int:
-    folder = checkpointing.latest_complete(root)
-    if folder is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
-    accelerator.load_state(str(folder))
-    data_state = json.loads((folder / f"data_state_rank{accelerator.process_index}.json").read_text())
-    batches.load_state_dict(data_state)
-    logger.info("resumed from %s (step %d)", folder, data_state["step"])
-    return int(data_state["step"])
 
 
 def main(argv=None) -> None:

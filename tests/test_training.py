@@ -290,6 +290,17 @@ def test_vl_only_ablation_trains(tmp_path):
     assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]
 
 
+def test_build_model_takes_the_ablation_row_with_overrides_on_top(tmp_path):
+    """`ablation` picks a row of Table 7; a `model_config` field overrides that row's switch, the rest stays."""
+    from training.pretrain import build_model
+
+    args = tiny_run_args(tmp_path, tmp_path, ablation="vl+sd", **{"model_config.slice_selection": "attentive"})
+    model = build_model(load_config(None, args))
+    switches = (model.config.self_distillation, model.config.token_masking, model.config.slice_selection)
+    assert switches == (True, "random", "attentive")
+    assert model.config.projection_dim == 16 and model.config.text_config.hidden_size == TINY_TEXT["hidden_size"]
+
+
 def test_frozen_text_layers_stay_as_initialised_through_training(tmp_path):
     from accelerate.utils import set_seed
 

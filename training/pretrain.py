@@ -231,14 +231,20 @@ def train(config: PretrainConfig) -> Path:
     if stopped_after is not None:
         accelerator.end_training()
         return checkpointing.checkpoint_dir(run.checkpoints, stopped_after)
-    final = output_dir / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).unimedi.save_pretrained(final)  # checkpoints/ keep the teacher and heads
-        processor.save_pretrained(final)
-        write_model_card(final / "README.md", config, total_steps=plan.total_steps, log_file=run.log_file)
-        logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)
+    final = save_final(run, processor)
     accelerator.end_training()
+    return final
+
+
+def save_final(run: TrainingRun, processor: UniMedIProcessor) -> Path:
+    """`final/`: the inference model (checkpoints/ keep the teacher and heads), its processor and the model card."""
+    final = run.output_dir / "final"
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run.accelerator.unwrap_model(run.model).unimedi.save_pretrained(final)
+        processor.save_pretrained(final)
+        write_model_card(final / "README.md", run.config, total_steps=run.total_steps, log_file=run.log_file)
+        logger.info("saved %s (load with UniMedIModel.from_pretrained)", final)
     return final
 
 

@@ -7,7 +7,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 # BioClinicalBERT (emilyalsentzer/Bio_ClinicalBERT) is a cased BERT-base: only the vocabulary differs from BERT's
-# defaults. The weights are not bundled; `UniMedIModel.from_pretrained_parts` loads them from the Hub or a folder.
+# defaults. The weights are not bundled; `convert_unimedi.unimedi_from_pretrained_parts` loads them from the Hub or a folder.
 BIO_CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
 BIO_CLINICAL_BERT_TEXT_CONFIG = {"vocab_size": 28996, "_name_or_path": BIO_CLINICAL_BERT}
 

@@ -11,7 +11,7 @@ import torch
 from tiny_configs import TINY_VISION, minilm_path, tiny_config
 
 from modeling_unimedi import UniMedIConfig, UniMedIModel
-from modeling_unimedi.convert_unimedi import inflate_patch_kernel
+from modeling_unimedi.convert_unimedi import inflate_patch_kernel, unimedi_from_pretrained_parts
 
 
 def run_python(code: str, cwd, **env) -> str:
@@ -128,9 +128,7 @@ def test_timm_checkpoint_conversion_reproduces_timm(tmp_path):
     ).eval()
     path = tmp_path / "vit_tiny.safetensors"
     save_file(vit.state_dict(), path)
-    model = UniMedIModel.from_pretrained_parts(
-        path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config
-    )
+    model = unimedi_from_pretrained_parts(path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
     vision = model.vision_model.eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.inference_mode():
@@ -155,7 +153,7 @@ def test_timm_conversion_rejects_mismatched_depth():
         img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=4, num_classes=0
     )
     with pytest.raises(ValueError, match="3 blocks"):
-        UniMedIModel.from_pretrained_parts(vit, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
+        unimedi_from_pretrained_parts(vit, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
 
 
 def test_real_pretrained_text_encoder_is_loaded_intact():
@@ -163,7 +161,7 @@ def test_real_pretrained_text_encoder_is_loaded_intact():
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    model = UniMedIModel.from_pretrained_parts(text_checkpoint=path, vision_config=dict(TINY_VISION)).eval()
+    model = unimedi_from_pretrained_parts(text_checkpoint=path, vision_config=dict(TINY_VISION)).eval()
     assert model.config.text_config.hidden_size == 384 and model.config.text_config.num_hidden_layers == 6
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModel.from_pretrained(path).eval()

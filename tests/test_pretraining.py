@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from tiny_configs import TINY_TEXT, TINY_VISION
 
 from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
+from training import schedules
 
 VISION = dict(TINY_VISION, volume_size=(16, 32, 32))  # 4 depth slabs of 4 slices, 2x2 tokens each
 HEADS = dict(dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16)
@@ -43,7 +44,7 @@ def model():
 def test_slab_scores_equal_eager_attention_average(model):
     inputs = mixed_batch(0, 2)
     out = model(**inputs)
-    teacher = model.teacher_vision_model
+    teacher = model.teacher["backbone"]
     teacher.set_attn_implementation("eager")
     with torch.no_grad():
         attentions = teacher(volume_values=inputs["volume_values"], output_attentions=True).attentions
@@ -54,7 +55,7 @@ def test_slab_scores_equal_eager_attention_average(model):
 
 
 def test_planted_slab_is_selected_and_becomes_the_pseudo_image(model, monkeypatch):
-    teacher = model.teacher_vision_model
+    teacher = model.teacher["backbone"]
     original_forward = teacher.forward
     planted = torch.tensor([3, 1])
 
@@ -90,7 +91,7 @@ def test_keep_mask_holds_exactly_the_highest_attention_tokens(model):
     inputs = mixed_batch(2, 0)
     out = model(**inputs)
     with torch.no_grad():
-        scores = model.teacher_vision_model(
+        scores = model.teacher["backbone"](
             pixel_values=inputs["pixel_values"], output_cls_attention=True
         ).cls_attention
     num_keep = round(scores.shape[1] * (1 - model.config.mask_ratio))
@@ -110,21 +111,16 @@ def test_volume_keep_mask_covers_ct_and_slice_tokens(model):
 def test_teacher_has_no_gradients_and_follows_the_ema_rule(model):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**mixed_batch()).loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.teacher_vision_model.parameters())
-    assert all(p.grad is None for p in model.teacher_cls_head.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher["backbone"].parameters())
+    assert all(p.grad is None for p in model.teacher["cls_head"].parameters())
     optimizer.step()
-    before = {n: p.clone() for n, p in model.teacher_vision_model.named_parameters()}
+    before = {n: p.clone() for n, p in model.teacher["backbone"].named_parameters()}
     student = dict(model.unimedi.vision_model.named_parameters())
     assert any(not torch.equal(before[n], student[n]) for n in before)  # the optimizer moved the student
-    momentum = model.update_teacher(total_steps=10)
-    assert momentum == pytest.approx(0.996)
-    for name, param in model.teacher_vision_model.named_parameters():
-        assert torch.allclose(param, momentum * before[name] + (1 - momentum) * student[name], atol=1e-7), name
-    # cosine schedule: the momentum rises to 1 at the end of training
-    model.num_teacher_updates.fill_(10)
-    assert model.ema_momentum(10) == pytest.approx(1.0)
-    model.num_teacher_updates.fill_(5)
-    assert model.ema_momentum(10) == pytest.approx(0.998)
+    model.update_teacher(0.9)
+    assert int(model.num_teacher_updates) == 1
+    for name, param in model.teacher["backbone"].named_parameters():
+        assert torch.allclose(param, 0.9 * before[name] + 0.1 * student[name], atol=1e-7), name
 
 
 def _train(model, inputs, lr, steps):
@@ -135,7 +131,7 @@ def _train(model, inputs, lr, steps):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        model.update_teacher(total_steps=1000)
+        model.update_teacher(schedules.ema_momentum(model.config, int(model.num_teacher_updates), 1000))
         history.append(
             {
                 k: getattr(out, k).item()
@@ -171,7 +167,7 @@ def test_ablation_settings_run(setting):
     model = UniMedIForPreTraining(pretraining_config(setting)).train()
     out = model(**mixed_batch())
     out.loss.backward()
-    has_teacher = hasattr(model, "teacher_vision_model")
+    has_teacher = "backbone" in model.teacher
     assert has_teacher == (setting != "vl")
     assert (out.icl_loss is None) == (setting == "vl")
     assert (out.slab_scores is None) == (setting != "vl+sd+attn")
@@ -210,7 +206,7 @@ def test_pretraining_from_an_inference_checkpoint_copies_student_into_teacher(tm
     UniMedIModel(pretraining_config()).save_pretrained(tmp_path)
     model = UniMedIForPreTraining.from_pretrained(tmp_path)
     student = model.unimedi.vision_model.state_dict()
-    assert all(torch.equal(v, student[k]) for k, v in model.teacher_vision_model.state_dict().items())
+    assert all(torch.equal(v, student[k]) for k, v in model.teacher["backbone"].state_dict().items())
 
 
 # ---------------------------------------------------------------- two processes, one modality each
@@ -229,7 +225,7 @@ def _ddp_worker(rank, world_size, port, result_dir):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        model.update_teacher(total_steps=10)
+        model.update_teacher(schedules.ema_momentum(model.config, int(model.num_teacher_updates), 10))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(state, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -25,13 +25,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from modeling_unimedi import UniMedIForPreTraining, UniMedIModel
+from modeling_unimedi import UniMedIForPreTraining
 from modeling_unimedi.configuration_unimedi import ABLATION_SETTINGS
+from modeling_unimedi.convert_unimedi import unimedi_from_pretrained_parts
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import UniMedIProcessor
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing.samples import resolve
-from training import checkpointing
+from training import checkpointing, schedules
 from training.config import PretrainConfig, parse_args, to_json
 from training.data import MixedBatches, PretrainCollator, shard_files
 from training.model_card import write_model_card
@@ -53,7 +54,7 @@ def ensure_default_data(config: PretrainConfig) -> None:
 def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     """A new pretraining model: the ablation's switches, config overrides, and pretrained parts if given."""
     model_kwargs = {**ABLATION_SETTINGS[config.ablation], **config.model_config}
-    parts = UniMedIModel.from_pretrained_parts(
+    parts = unimedi_from_pretrained_parts(
         resolve(config.vision_checkpoint), resolve(config.text_checkpoint), **model_kwargs
     )
     model = UniMedIForPreTraining(parts.config)
@@ -175,6 +176,7 @@ def train(config: PretrainConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
     pretraining_model: UniMedIForPreTraining = accelerator.unwrap_model(model)
+    model_config = pretraining_model.config
 
     batches = MixedBatches(
         config.train_data,
@@ -205,10 +207,11 @@ def train(config: PretrainConfig) -> Path:
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         totals = dict.fromkeys(LOSS_KEYS, 0.0)
+        teacher_step = int(pretraining_model.num_teacher_updates)  # saved with the model: resume is exact
         for _ in range(config.gradient_accumulation_steps):
             inputs = collate(*batches.next_batch()).to(accelerator.device)
             with accelerator.accumulate(model):
-                out = model(**inputs)
+                out = model(**inputs, teacher_temperature=schedules.teacher_temperature(model_config, teacher_step))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -219,7 +222,8 @@ def train(config: PretrainConfig) -> Path:
                     totals[key] += getattr(out, key).detach().float().item() / config.gradient_accumulation_steps
             samples_seen += inputs["input_ids"].shape[0] * world
         scheduler.step()
-        momentum = pretraining_model.update_teacher(total_steps)
+        momentum = schedules.ema_momentum(model_config, teacher_step, total_steps)
+        pretraining_model.update_teacher(momentum)
         record = {
             "step": step + 1,
             **{k: round(v, 6) for k, v in totals.items() if v},

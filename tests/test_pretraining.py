@@ -52,6 +52,8 @@ def test_slab_scores_equal_eager_attention_average(model):
     expected = cls_row.reshape(2, 4, 4).mean(dim=-1)
     assert torch.allclose(out.slab_scores, expected, atol=1e-5)
     assert torch.equal(out.selected_slabs, expected.topk(2).indices)
+    with torch.no_grad():  # the public Eq. 1-2 method that selection (and evaluation) call
+        assert torch.allclose(teacher.slab_scores(inputs["volume_values"]), expected, atol=1e-5)
 
 
 def test_planted_slab_is_selected_and_becomes_the_pseudo_image(model, monkeypatch):
@@ -186,8 +188,11 @@ def test_single_modality_batches_give_every_parameter_a_gradient(model, num_imag
 
 def test_save_pretraining_then_load_inference_model(model, tmp_path):
     model.save_pretrained(tmp_path)
-    inference = UniMedIModel.from_pretrained(tmp_path).eval()
-    assert not any(k.startswith(("teacher", "cls_head", "patch_head")) for k in inference.state_dict())
+    inference, info = UniMedIModel.from_pretrained(tmp_path, output_loading_info=True)
+    inference.eval()
+    assert info["missing_keys"] == set()
+    left_out = ("student.", "teacher.", "cls_center", "patch_center", "num_teacher_updates")
+    assert info["unexpected_keys"] and all(key.startswith(left_out) for key in info["unexpected_keys"])
     student = model.unimedi.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in inference.state_dict().items())  # the same weights, bit for bit
     model.eval()
@@ -207,6 +212,92 @@ def test_pretraining_from_an_inference_checkpoint_copies_student_into_teacher(tm
     model = UniMedIForPreTraining.from_pretrained(tmp_path)
     student = model.unimedi.vision_model.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in model.teacher["backbone"].state_dict().items())
+
+
+def test_state_dict_holds_the_student_backbone_once(model):
+    state = model.state_dict()
+    prefixes = {
+        key.split(".")[0] + "." + key.split(".")[1] for key in state if key.startswith(("student.", "teacher."))
+    }
+    assert prefixes == {
+        "student.cls_head",
+        "student.patch_head",
+        "teacher.backbone",
+        "teacher.cls_head",
+        "teacher.patch_head",
+    }
+    assert len({tensor.data_ptr() for tensor in state.values()}) == len(state)  # no module registered twice
+
+
+def _legacy_layout(state: dict) -> dict:
+    """The state dict as checkpoints saved it before `student`/`teacher` (three `teacher_*` attributes)."""
+    renames = {"teacher.backbone.": "teacher_vision_model.", "teacher.": "teacher_", "student.": ""}
+    old = {}
+    for key, value in state.items():
+        new_prefix = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        if new_prefix is not None:
+            key = renames[new_prefix] + key[len(new_prefix) :]
+        old[key] = value.clone()
+    return old
+
+
+def test_checkpoints_in_the_old_layout_still_load(model, tmp_path):
+    from safetensors.torch import save_file
+
+    with torch.no_grad():  # a teacher and centres that differ from a fresh copy of the student
+        for param in model.teacher.parameters():
+            param.add_(torch.randn_like(param))
+        model.cls_center.normal_()
+    model.num_teacher_updates.fill_(7)
+    expected = model.state_dict()
+    old = _legacy_layout(expected)
+    assert {"teacher_vision_model", "teacher_cls_head", "teacher_patch_head", "cls_head", "patch_head"} <= {
+        key.split(".")[0] for key in old
+    }
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = UniMedIForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in expected.items())
+    # resuming a training checkpoint goes through `load_state_dict` (accelerate), not `from_pretrained`
+    resumed = UniMedIForPreTraining(model.config)
+    resumed.load_state_dict(old)
+    assert all(torch.equal(value, resumed.state_dict()[key]) for key, value in expected.items())
+
+
+def test_teacher_temperature_comes_from_the_caller(model):
+    model.eval()  # no centre update between the calls
+    inputs = mixed_batch(seed=2)
+    default = model(**inputs)
+    explicit = model(**inputs, teacher_temperature=model.config.teacher_temperature)
+    sharper = model(**inputs, teacher_temperature=0.01)
+    assert torch.equal(default.icl_loss, explicit.icl_loss) and torch.equal(default.pcl_loss, explicit.pcl_loss)
+    assert not torch.isclose(sharper.icl_loss, default.icl_loss)
+    assert torch.equal(sharper.vl_loss, default.vl_loss)
+
+
+def test_schedules_follow_dino():
+    config = pretraining_config(
+        ema_momentum=0.99,
+        teacher_temperature=0.07,
+        teacher_temperature_warmup=0.04,
+        teacher_temperature_warmup_steps=10,
+    )
+    momenta = [schedules.ema_momentum(config, step, 100) for step in (0, 50, 100, 150)]
+    assert momenta == pytest.approx([0.99, 0.995, 1.0, 1.0])
+    temperatures = [schedules.teacher_temperature(config, step) for step in (0, 5, 10, 20)]
+    assert temperatures == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    assert schedules.teacher_temperature(pretraining_config(teacher_temperature_warmup_steps=0), 0) == 0.07
+
+
+def test_centres_update_as_an_explicit_training_step(model):
+    inputs = mixed_batch()
+    model.eval()
+    model(**inputs)
+    assert not model.cls_center.any() and not model.patch_center.any()  # evaluation leaves the centres alone
+    model.train()
+    model(**inputs)
+    assert model.cls_center.any() and model.patch_center.any()
 
 
 # ---------------------------------------------------------------- two processes, one modality each

@@ -48,8 +48,9 @@ class UniMedIOutput(ModelOutput):
     image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*): normalised X-ray embeddings.
     volume_embeds (`torch.FloatTensor` of shape `(num_volumes, projection_dim)`, *optional*): normalised CT embeddings.
     text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`): normalised report embeddings.
-    image_model_output, volume_model_output (`UniMedIVisionModelOutput`, *optional*): the vision tower's outputs for the
-        X-rays and the CTs (pooler_output = the [CLS] state before projection, as CLIP's `vision_model_output`).
+    image_model_output, volume_model_output (`UniMedIVisionModelOutput`, *optional*): the vision tower's outputs
+        for the X-rays and the CTs (pooler_output = the [CLS] state before projection, as CLIP's
+        `vision_model_output`).
     text_model_output (`BaseModelOutputWithPooling`): the report tower's output (pooler_output = projection).
     """
 
@@ -75,8 +76,9 @@ class UniMedICommonSpace(ModelOutput):
     vision_embeds (`torch.FloatTensor` of shape `(num_images + num_volumes, projection_dim)`):
         Normalised projections of the vision [CLS] states, X-rays first.
     text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`): normalised report embeddings.
-    logit_scale (`torch.FloatTensor` of shape `()`): the inverse temperature exp(`logit_scale`) scaling the similarities.
-    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`): scaled cosine similarities.
+    logit_scale (`torch.FloatTensor` of shape `()`): the inverse temperature exp(`logit_scale`) scaling similarities.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
+        Scaled cosine similarities.
     text_model_output (`BaseModelOutputWithPooling`): the report tower's output (pooler_output = projection).
     """
 

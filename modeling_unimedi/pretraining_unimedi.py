@@ -24,14 +24,30 @@ from .modeling_unimedi import (
 @dataclass
 class UniMedIForPreTrainingOutput(ModelOutput):
     r"""
-    loss: weighted sum of the components below (the ones the config enables).
-    vl_loss, icl_loss, pcl_loss: L_vl (CLIP, whole mixed batch), L_icl (DINO on [CLS]), L_pcl (DINO on patch tokens).
-    logits_per_image: (num_images + num_volumes, num_texts) student similarities, X-rays first.
-    image_embeds, volume_embeds, text_embeds: normalised student embeddings.
-    slab_scores: (num_volumes, num_slabs) Eq. 2 relevance of each depth slab (attentive selection only).
-    selected_slabs: (num_volumes, k) depth-slab indices turned into pseudo-2D images, highest score first.
-    image_keep_mask: (num_images, num_patches) bool, the X-ray tokens the student saw.
-    volume_keep_mask: (num_volumes, num_3d_tokens + k * num_2d_tokens) bool, the CT+slice tokens the student saw.
+    loss (`torch.FloatTensor` of shape `()`):
+        Weighted sum of the components below that the config enables.
+    vl_loss (`torch.FloatTensor` of shape `()`):
+        L_vl, the CLIP loss over the whole mixed batch (negatives from every rank under DDP).
+    icl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        L_icl, DINO on the [CLS] outputs; None without self-distillation.
+    pcl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        L_pcl, DINO on the patch tokens the student kept; None without self-distillation.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
+        The student's scaled similarities, X-rays first.
+    image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*):
+        Normalised student X-ray embeddings.
+    volume_embeds (`torch.FloatTensor` of shape `(num_volumes, projection_dim)`, *optional*):
+        Normalised student CT embeddings (each CT with its pseudo-2D slices in one sequence).
+    text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`):
+        Normalised report embeddings.
+    slab_scores (`torch.FloatTensor` of shape `(num_volumes, num_depth_slabs)`, *optional*):
+        Eq. 2 relevance of each depth slab; attentive selection only.
+    selected_slabs (`torch.LongTensor` of shape `(num_volumes, num_selected_slices)`, *optional*):
+        Depth-slab indices turned into pseudo-2D images, highest score first.
+    image_keep_mask (`torch.BoolTensor` of shape `(num_images, num_2d_tokens)`, *optional*):
+        The X-ray tokens the student saw; None without masking.
+    volume_keep_mask (`torch.BoolTensor` of shape `(num_volumes, num_3d_tokens + k * num_2d_tokens)`, *optional*):
+        The CT and pseudo-2D slice tokens the student saw (k = `num_selected_slices`); None without masking.
     """
 
     loss: torch.FloatTensor | None = None
@@ -285,7 +301,7 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
 
     @torch.no_grad()
     def forward_targets(self, branches: list[VisionBranch]) -> DistillationTargets:
-        """The teacher heads on the teacher's full-view outputs ([CLS], and patch tokens where the student kept them)."""
+        """The teacher heads on the teacher's full-view outputs: [CLS], and the patch tokens the student kept."""
         return DistillationTargets(
             cls=torch.cat([self.teacher["cls_head"](b.teacher.pooler_output) for b in branches]),
             patches=[self.teacher["patch_head"](b.teacher_patch_tokens()) for b in branches],

@@ -87,6 +87,48 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert module.startswith("transformers_modules.") and same == "True"
 
 
+def test_pretraining_model_remote_code_loads_without_the_package(tmp_path):
+    """The pretraining export (student, EMA teacher, heads, centres) round-trips through remote code: same losses."""
+    from modeling_unimedi import UniMedIForPreTraining
+
+    torch.manual_seed(0)
+    config = tiny_config(dino_out_dim=32, dino_hidden_dim=16, dino_bottleneck_dim=8, num_selected_slices=1)
+    model = UniMedIForPreTraining(config).eval()
+    with torch.no_grad():  # a teacher and centres of their own, as after training
+        for param in model.teacher.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        model.cls_center.normal_()
+    model.save_pretrained(tmp_path / "export")
+    inputs = {
+        "input_ids": torch.randint(1, 100, (2, 7)),
+        "pixel_values": torch.rand(1, 3, 32, 32),
+        "volume_values": torch.rand(1, 1, 8, 32, 32),
+    }
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.inference_mode():
+        expected = model(**inputs)
+    out = run_python(
+        f"""
+        import sys
+        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
+        import torch
+        from transformers import AutoModelForPreTraining
+        model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "export")!r}, trust_remote_code=True).eval()
+        with torch.inference_mode():
+            out = model(**torch.load({str(tmp_path / "inputs.pt")!r}))
+        print(type(model).__name__, out.vl_loss.item(), out.icl_loss.item(), out.pcl_loss.item())
+        """,
+        cwd=tmp_path,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        HF_HUB_OFFLINE="1",
+    )
+    name, *losses = out.split()
+    assert name == "UniMedIForPreTraining"
+    assert [float(x) for x in losses] == pytest.approx(
+        [expected.vl_loss.item(), expected.icl_loss.item(), expected.pcl_loss.item()], rel=1e-5
+    )
+
+
 def test_from_pretrained_hub_id_through_offline_cache(tmp_path):
     """`from_pretrained("org/unimedi-vitb16")` resolves from a Hub cache layout with HF_HUB_OFFLINE=1."""
     folder = _save_with_reference(tmp_path)

@@ -101,6 +101,7 @@ LEGACY_KEY_MAPPING = {
 
 
 def rename_legacy_key(key: str) -> str:
+    """A state-dict key of the old layout in the new one (other keys unchanged)."""
     for old, new in LEGACY_KEY_MAPPING.items():
         key = re.sub(old, new, key)
     return key
@@ -283,12 +284,13 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         student = self.unimedi.vision_model(
             pixel_values=pixel_values, volume_values=volume_values, keep_token_indices=kept, return_dict=True
         )
-        tokenizers = (("volume_embeddings",) if volume_values is not None else ()) + (
-            ("image_embeddings",) if pixel_values is not None else ()
-        )
+        inputs = {"image_embeddings": pixel_values, "volume_embeddings": volume_values}
+        tokenizers = tuple(name for name, values in inputs.items() if values is not None)
         return VisionBranch(student, teacher, kept, num_tokens, tokenizers)
 
-    def forward_volumes(self, volume_values: torch.Tensor) -> tuple[VisionBranch, torch.LongTensor, torch.Tensor]:
+    def forward_volumes(
+        self, volume_values: torch.Tensor
+    ) -> tuple[VisionBranch, torch.LongTensor | None, torch.Tensor | None]:
         """§3.2-3.3: select k depth slabs, turn their central slices into pseudo-2D images, and run the CT with its
         pseudo-images as one sequence. Returns the branch, the selected slabs and their Eq. 2 scores (or None)."""
         slabs = scores = pseudo_images = None

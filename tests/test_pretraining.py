@@ -290,6 +290,14 @@ def test_schedules_follow_dino():
     assert schedules.teacher_temperature(pretraining_config(teacher_temperature_warmup_steps=0), 0) == 0.07
 
 
+def test_report_count_is_checked_as_in_the_inference_model(model):
+    inputs = mixed_batch(2, 1)
+    with pytest.raises(ValueError, match=r"2 X-ray\(s\) and 1 volume\(s\) but 2 report\(s\)"):
+        model(**{**inputs, "input_ids": inputs["input_ids"][:2]})
+    with pytest.raises(ValueError, match="`pixel_values`, `volume_values` or both"):
+        model(input_ids=inputs["input_ids"])
+
+
 def test_centres_update_as_an_explicit_training_step(model):
     inputs = mixed_batch()
     model.eval()

@@ -24,16 +24,16 @@ def gathered_contrastive_loss(
 
     Each rank scores its own images against every rank's texts and its own texts against every rank's images, so the
     loss sees the global batch while computing only a (local x global) block. Embeddings must be L2-normalised and
-    every rank must hold the same number of samples. Without an initialised process group this is the plain loss.
+    every rank must hold the same number of samples; `logit_scale` is the exponentiated inverse temperature (as
+    open_clip's `ClipLoss` takes it). Without an initialised process group this is the plain loss.
     """
-    scale = logit_scale.exp()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return contrastive_loss(scale * image_embeds @ text_embeds.t())
+        return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
     all_images = _gather_with_grad(image_embeds)
     all_texts = _gather_with_grad(text_embeds)
     offset = dist.get_rank() * image_embeds.shape[0]
-    image_to_text = scale * image_embeds @ all_texts.t()
-    text_to_image = scale * text_embeds @ all_images.t()
+    image_to_text = logit_scale * image_embeds @ all_texts.t()
+    text_to_image = logit_scale * text_embeds @ all_images.t()
     targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
 

@@ -11,6 +11,7 @@ the model turns CT slices into pseudo-2D images and both must agree. Grayscale i
 Reading files and arrays into [0, 1] grayscale (and its intensity rule) is ``loading_unimedi.load_xray``.
 """
 
+import math
 from typing import TypedDict
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .loading_unimedi import load_xray
+from .loading_unimedi import MAX_VOXELS, checked_number, checked_numbers, load_xray
 
 
 class UniMedIImageProcessorKwargs(TypedDict, total=False):
@@ -60,18 +61,23 @@ class UniMedIImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not 0 < crop_size <= longest_edge:
-            raise ValueError(f"crop_size must be in (0, longest_edge={longest_edge}], got {crop_size}")
-        if num_channels < 1:
+        self.longest_edge = checked_number("longest_edge", longest_edge, int)
+        self.crop_size = checked_number("crop_size", crop_size, int)
+        self.num_channels = checked_number("num_channels", num_channels, int)
+        if not 0 < self.crop_size <= self.longest_edge or self.longest_edge**2 > MAX_VOXELS:
+            raise ValueError(
+                f"crop_size must be in (0, longest_edge={longest_edge}] and longest_edge at most "
+                f"{math.isqrt(MAX_VOXELS)}, got {crop_size}"
+            )
+        if self.num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
-        self.longest_edge = int(longest_edge)
-        self.crop_size = int(crop_size)
-        self.num_channels = int(num_channels)
-        self.image_mean = _per_channel(image_mean, num_channels, "image_mean")
-        self.image_std = _per_channel(image_std, num_channels, "image_std")
+        self.image_mean = _per_channel(image_mean, self.num_channels, "image_mean")
+        self.image_std = _per_channel(image_std, self.num_channels, "image_std")
         if any(std <= 0 for std in self.image_std):
             raise ValueError(f"image_std must be positive, got {image_std}")
-        self.apply_voi_lut = bool(apply_voi_lut)
+        if not isinstance(apply_voi_lut, bool):
+            raise ValueError(f"`apply_voi_lut` must be true or false, got {apply_voi_lut!r}")
+        self.apply_voi_lut = apply_voi_lut
 
     def preprocess(self, images, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
         """``images``: one image or a list (paths, PIL images, arrays; see ``load_xray``), or a 4-D batch array."""
@@ -99,7 +105,10 @@ class UniMedIImageProcessor(BaseImageProcessor):
 
 def _per_channel(value: float | list[float], num_channels: int, name: str) -> list[float]:
     """A per-channel list from a scalar or a list of ``num_channels`` values (saved to JSON as a list)."""
-    values = [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        values = list(checked_numbers(name, value))
+    else:
+        values = [checked_number(name, value)] * num_channels
     if len(values) != num_channels:
         raise ValueError(f"{name} needs 1 or {num_channels} values, got {len(values)}")
     return values

@@ -46,7 +46,9 @@ class UniMedIProcessor(ProcessorMixin):
             raise ValueError(f"max_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
         self.volume_processor = _as_volume_processor(volume_processor)
         self.max_length = max_length
-        self.clean_reports = bool(clean_reports)
+        if not isinstance(clean_reports, bool):
+            raise ValueError(f"`clean_reports` must be true or false, got {clean_reports!r}")
+        self.clean_reports = clean_reports
         super().__init__(image_processor, tokenizer)
 
     def __call__(

@@ -15,6 +15,7 @@ Steps 1-2 are ``resample_to_grid`` (float32 HU, what dataset preparation stores 
 along ``flip_axes`` when ``training=True``, is ``window_grid``, which the training collator calls on stored volumes.
 """
 
+import math
 from typing import TypedDict
 
 import numpy as np
@@ -22,7 +23,18 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .loading_unimedi import CANONICAL_ORIENTATION, CTVolume, check_spacing, import_nibabel, load_ct, reorient
+from .loading_unimedi import (
+    CANONICAL_ORIENTATION,
+    MAX_VOXELS,
+    CTVolume,
+    check_real,
+    check_spacing,
+    checked_number,
+    checked_numbers,
+    import_nibabel,
+    load_ct,
+    reorient,
+)
 
 AIR_HU = -1000.0
 FIT_MODES = ("resize", "crop_or_pad")
@@ -74,27 +86,32 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.volume_size = tuple(int(s) for s in volume_size)
-        self.hu_window = tuple(float(v) for v in hu_window)
-        self.orientation = str(orientation).upper()
-        self.target_spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
+        self.volume_size = checked_numbers("volume_size", volume_size, int, length=3)
+        self.hu_window = checked_numbers("hu_window", hu_window, float, length=2)
+        if not isinstance(orientation, str):
+            raise ValueError(f"`orientation` must be a string of three axis codes, got {orientation!r}")
+        self.orientation = orientation.upper()
+        self.target_spacing = None if target_spacing is None else checked_numbers("target_spacing", target_spacing)
         self.fit_mode = fit_mode
-        self.image_mean = float(image_mean)
-        self.image_std = float(image_std)
-        self.flip_axes = tuple(int(a) for a in flip_axes)
-        self.flip_probability = float(flip_probability)
+        self.image_mean = checked_number("image_mean", image_mean)
+        self.image_std = checked_number("image_std", image_std)
+        self.flip_axes = checked_numbers("flip_axes", flip_axes, int)
+        self.flip_probability = checked_number("flip_probability", flip_probability)
         self._validate_settings()
 
     def _validate_settings(self) -> None:
-        if len(self.volume_size) != 3 or min(self.volume_size) < 1:
-            raise ValueError(f"volume_size must be three positive sizes (D, H, W), got {self.volume_size}")
+        if min(self.volume_size) < 1 or math.prod(self.volume_size) > MAX_VOXELS:
+            raise ValueError(
+                f"volume_size must be three positive sizes (D, H, W) of at most {MAX_VOXELS} voxels, "
+                f"got {self.volume_size}"
+            )
         if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
             raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
         if sorted(AXIS_OF_CODE.get(code, -1) for code in self.orientation) != [0, 1, 2]:
             raise ValueError(
                 f"orientation must be three axis codes, one of L/R, A/P and S/I each, got {self.orientation!r}"
             )
-        if self.fit_mode not in FIT_MODES:
+        if not isinstance(self.fit_mode, str) or self.fit_mode not in FIT_MODES:
             raise ValueError(f"fit_mode must be one of {FIT_MODES}, got {self.fit_mode!r}")
         if self.target_spacing is not None:
             if self.fit_mode == "resize":
@@ -120,6 +137,11 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         else:
             if self.target_spacing is not None:
                 shape = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, self.target_spacing)]
+                if math.prod(shape) > MAX_VOXELS:
+                    raise ValueError(
+                        f"{ct.source}: target_spacing {self.target_spacing} would resample this {hu.shape} CT to "
+                        f"{tuple(shape)}, over {MAX_VOXELS} voxels; choose a coarser target_spacing"
+                    )
                 volume = resize_volume(volume, tuple(shape))
             volume = _center_crop_or_pad(volume, self.volume_size, AIR_HU)
         return volume[0, 0].numpy()
@@ -233,6 +255,10 @@ def _grid_tensor(grid, volume_size: tuple[int, int, int], name: str) -> torch.Te
     """One volume on the grid as an int16 or float32 tensor; a ValueError when it is not on the grid."""
     if not isinstance(grid, (np.ndarray, torch.Tensor)):
         raise TypeError(f"{name}: a volume on the grid is a numpy array or tensor, got {type(grid).__name__}")
+    if isinstance(grid, np.ndarray):
+        check_real(grid, name)
+    elif grid.is_complex():
+        raise ValueError(f"{name}: tensor of dtype {grid.dtype} is not real-valued image data")
     if tuple(grid.shape) != volume_size:
         raise ValueError(
             f"<array>: shape {tuple(grid.shape)} is not the processor grid {volume_size}; "

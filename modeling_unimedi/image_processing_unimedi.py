@@ -67,10 +67,12 @@ class UniMedIImageProcessor(BaseImageProcessor):
         if not 0 < self.crop_size <= self.longest_edge or self.longest_edge**2 > MAX_VOXELS:
             raise ValueError(
                 f"crop_size must be in (0, longest_edge={longest_edge}] and longest_edge at most "
-                f"{math.isqrt(MAX_VOXELS)}, got {crop_size}"
+                f"{math.isqrt(MAX_VOXELS)}, got crop_size={crop_size}, longest_edge={longest_edge}"
             )
-        if self.num_channels < 1:
-            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if not 1 <= self.num_channels * self.crop_size**2 <= MAX_VOXELS:
+            raise ValueError(
+                f"num_channels must be >= 1 and num_channels x crop_size^2 at most {MAX_VOXELS}, got {num_channels}"
+            )
         self.image_mean = _per_channel(image_mean, self.num_channels, "image_mean")
         self.image_std = _per_channel(image_std, self.num_channels, "image_std")
         if any(std <= 0 for std in self.image_std):

@@ -75,6 +75,7 @@ def test_tiny_target_spacing_is_refused_before_resampling():
     [
         ({"volume_size": (4096, 4096, 4096)}, "volume_size"),
         ({"longest_edge": 10**6, "crop_size": 224}, "longest_edge"),
+        ({"num_channels": 10**6}, "num_channels"),
     ],
 )
 def test_processor_settings_that_multiply_memory_are_refused(settings, field):

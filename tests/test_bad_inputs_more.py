@@ -219,6 +219,20 @@ def test_complex_arrays_are_refused(make_complex):
         UniMedIVolumeProcessor().window_grid([values])
 
 
+@pytest.mark.parametrize("values", [np.array([["a", "b"], ["c", "d"]]), np.array([[None, 1], [2, 3]], dtype=object)])
+def test_non_numeric_arrays_are_refused(values):
+    with pytest.raises(ValueError, match=rf"<array>: array of dtype {values.dtype} is not real-valued"):
+        load_xray(values)
+
+
+def test_nifti_with_nan_in_its_affine_is_refused(tmp_path):
+    path = write_nifti(
+        tmp_path / "nan.nii", qform_sform_codes=(0, 2), srow=(2, 0, 0, 0, 0, float("nan"), 0, 0, 0, 0, 2, 0)
+    )
+    with pytest.raises(ValueError, match=r"nan\.nii: spacing must be three positive finite mm values"):
+        load_ct(path)
+
+
 def test_complex_nifti_is_refused(tmp_path):
     data = np.ones((4, 5, 6), dtype=np.complex64)
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "complex.nii.gz")

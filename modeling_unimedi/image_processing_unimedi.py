@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .loading_unimedi import MAX_VOXELS, checked_number, checked_numbers, load_xray
+from .loading_unimedi import MAX_VOXELS, checked_bool, checked_number, checked_numbers, load_xray
 
 
 class UniMedIImageProcessorKwargs(TypedDict, total=False):
@@ -77,9 +77,7 @@ class UniMedIImageProcessor(BaseImageProcessor):
         self.image_std = _per_channel(image_std, self.num_channels, "image_std")
         if any(std <= 0 for std in self.image_std):
             raise ValueError(f"image_std must be positive, got {image_std}")
-        if not isinstance(apply_voi_lut, bool):
-            raise ValueError(f"`apply_voi_lut` must be true or false, got {apply_voi_lut!r}")
-        self.apply_voi_lut = apply_voi_lut
+        self.apply_voi_lut = checked_bool("apply_voi_lut", apply_voi_lut)
 
     def preprocess(self, images, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
         """``images``: one image or a list (paths, PIL images, arrays; see ``load_xray``), or a 4-D batch array."""

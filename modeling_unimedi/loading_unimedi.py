@@ -10,6 +10,10 @@ images are inverted so that bone is bright, as in MONOCHROME2.
 
 ``load_ct`` reads NIfTI files, DICOM series folders (or one multi-frame DICOM), nibabel images and arrays into a
 ``CTVolume`` in CANONICAL_ORIENTATION using exact flips/transposes only (no interpolation: label masks survive).
+
+Declared sizes are checked before anything is allocated, and an input that would be read wrongly (sheared DICOM series,
+guessed NIfTI voxel sizes, multi-page images, complex data, ...) is refused with an error naming the file and the
+problem; the README lists them ("What inputs are refused").
 """
 
 import io
@@ -111,6 +115,13 @@ def checked_number(name: str, value, kind: type = float):
     if isinstance(value, bool) or not isinstance(value, accepted) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite {kind.__name__}, got {value!r}")
     return kind(value)
+
+
+def checked_bool(name: str, value) -> bool:
+    """``value`` if it is True or False, else a ValueError naming the setting (``bool("false")`` would be True)."""
+    if value is not True and value is not False:
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+    return value
 
 
 def checked_numbers(name: str, value, kind: type = float, length: int | None = None) -> tuple:

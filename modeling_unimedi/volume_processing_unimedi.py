@@ -88,9 +88,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         self.volume_size = checked_numbers("volume_size", volume_size, int, length=3)
         self.hu_window = checked_numbers("hu_window", hu_window, float, length=2)
-        if not isinstance(orientation, str):
-            raise ValueError(f"`orientation` must be a string of three axis codes, got {orientation!r}")
-        self.orientation = orientation.upper()
+        self.orientation = str(orientation).upper()
         self.target_spacing = None if target_spacing is None else checked_numbers("target_spacing", target_spacing)
         self.fit_mode = fit_mode
         self.image_mean = checked_number("image_mean", image_mean)

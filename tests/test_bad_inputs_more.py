@@ -328,7 +328,7 @@ def test_degenerate_image_orientation_is_named(tmp_path, write_dicom_ct_series, 
 
 def test_non_finite_slice_position_is_named(tmp_path, write_dicom_ct_series):
     write_dicom_ct_series(tmp_path / "series", [0.0, 5.0, 10.0])
-    victim = sorted((tmp_path / "series").iterdir())[0]
+    victim = min((tmp_path / "series").iterdir())
     dataset = pydicom.dcmread(victim)
     dataset.ImagePositionPatient = [0.0, float("nan"), 0.0]
     dataset.save_as(victim)
@@ -353,7 +353,7 @@ def test_report_with_a_lone_surrogate_is_named(report):
         (UniMedIVolumeProcessor, {"volume_size": [32, 128]}, r"`volume_size` must be a list of 3 ints"),
         (UniMedIVolumeProcessor, {"hu_window": "-1000,1000"}, r"`hu_window` must be a list of 2 floats"),
         (UniMedIVolumeProcessor, {"flip_axes": "2"}, r"`flip_axes` must be a list of any number of ints"),
-        (UniMedIVolumeProcessor, {"orientation": 5}, r"`orientation` must be a string"),
+        (UniMedIVolumeProcessor, {"orientation": 5}, r"orientation must be three axis codes.*got '5'"),
         (UniMedIVolumeProcessor, {"fit_mode": ["resize"]}, r"fit_mode must be one of"),
     ],
 )

@@ -397,3 +397,31 @@ def test_wrong_typed_processor_config_json_names_the_field(tmp_path, text_tokeni
 def test_config_sizes_must_be_positive_and_name_the_field(config_class, settings, field):
     with pytest.raises((StrictDataclassClassValidationError, StrictDataclassFieldValidationError), match=field):
         config_class(**settings)
+
+
+@pytest.mark.parametrize(
+    "name, reader, problem",
+    [
+        ("empty.nii", load_ct, "cannot read NIfTI file"),
+        ("empty.nii.gz", load_ct, "cannot read NIfTI file"),
+        ("empty.png", load_xray, "not a readable image"),
+        ("empty.dcm", load_xray, "not a readable DICOM file"),
+    ],
+)
+def test_zero_byte_files_name_the_file(tmp_path, name, reader, problem):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: {problem}"):
+        reader(tmp_path / name)
+
+
+def test_window_grid_is_the_explicit_path_for_volumes_on_the_grid():
+    processor = UniMedIVolumeProcessor(volume_size=(4, 8, 8))
+    stored = np.random.default_rng(0).integers(-1000, 1000, size=(2, 4, 8, 8)).astype(np.int16)
+    windowed = processor.window_grid(list(stored))["volume_values"]
+    expected = (np.clip((stored.astype(np.float32) + 1000) / 2000, 0, 1) - 0.5) / 0.5
+    np.testing.assert_allclose(windowed[:, 0].numpy(), expected, atol=1e-6)
+    assert torch.equal(processor(stored)["volume_values"], windowed)  # an array given to __call__ takes this path
+    with pytest.raises(ValueError, match=r"<array>: shape \(4, 8, 9\) is not the processor grid \(4, 8, 8\)"):
+        processor.window_grid([stored[0], np.zeros((4, 8, 9), np.int16)])
+    with pytest.raises(TypeError, match="volume 0: a volume on the grid is a numpy array or tensor, got str"):
+        processor.window_grid(["scan.nii.gz"])

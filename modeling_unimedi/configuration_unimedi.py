@@ -111,6 +111,14 @@ class UniMedIVisionConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: shapes that cannot build a model fail at config time, not at forward."""
+        sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
+        for name in (*sizes, "patch_size", "num_channels", "volume_channels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if not 0 < self.layer_norm_eps < 1 or not 0 <= self.initializer_range < 1:
+            raise ValueError("layer_norm_eps must be in (0, 1) and initializer_range in [0, 1)")
+        if not (0 <= self.attention_dropout < 1 and 0 <= self.hidden_dropout < 1):
+            raise ValueError("attention_dropout and hidden_dropout must be in [0, 1)")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
@@ -120,9 +128,6 @@ class UniMedIVisionConfig(PreTrainedConfig):
         for axis, size, patch in zip("DHW", self.volume_size, self.volume_patch_size):
             if size % patch != 0:
                 raise ValueError(f"volume_size {axis}={size} is not divisible by volume_patch_size {axis}={patch}")
-        for name in ("num_channels", "volume_channels", "num_hidden_layers", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
 
     @property
     def num_image_patches(self) -> int:
@@ -245,8 +250,20 @@ class UniMedIConfig(PreTrainedConfig):
     pcl_loss_weight: float = 1.0
 
     def validate_architecture(self):
-        if self.projection_dim <= 0:
-            raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
+        for name in ("projection_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        temperatures = ("student_temperature", "teacher_temperature", "teacher_temperature_warmup")
+        for name in temperatures:  # `not 0 < x` also refuses NaN
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"`{name}` must be positive and finite, got {getattr(self, name)}")
+        for name in ("vl_loss_weight", "icl_loss_weight", "pcl_loss_weight", "logit_scale_init_value"):
+            if not abs(getattr(self, name)) < float("inf"):  # also refuses NaN
+                raise ValueError(f"`{name}` must be finite, got {getattr(self, name)}")
+        if self.teacher_temperature_warmup_steps < 0:
+            raise ValueError(
+                f"teacher_temperature_warmup_steps must be >= 0, got {self.teacher_temperature_warmup_steps}"
+            )
         if not hasattr(self.text_config, "hidden_size"):
             raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
         num_slabs = self.vision_config.volume_grid[0]

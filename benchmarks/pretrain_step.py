@@ -1,7 +1,7 @@
 """Per-step time and peak memory of a UniMedIForPreTraining step on CPU, with and without attention-guided masking,
 and the share of the step spent in attentive slice selection.
 
-    python benchmarks/pretrain_step.py [--size tiny|vitb] [--images 4] [--volumes 2] [--steps 3]
+    python benchmarks/pretrain_step.py [--size tiny|vitb] [--images 4] [--volumes 2] [--steps 3] [--smoke]
 
 Each setting runs in its own subprocess so that peak resident memory (ru_maxrss) belongs to that setting alone. A step
 is forward (teacher scoring passes, student pass, text encoder, all losses) + backward + AdamW + EMA update.
@@ -24,6 +24,23 @@ SIZES = {
         dino_out_dim=1024,
         dino_hidden_dim=512,
         dino_bottleneck_dim=128,
+    ),
+    "smoke": dict(  # the test suite's tiny model: proves the code path in seconds
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            volume_size=(8, 32, 32),
+            volume_patch_size=(4, 16, 16),
+        ),
+        text_config=dict(
+            model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        ),
+        dino_out_dim=64,
+        dino_hidden_dim=32,
+        dino_bottleneck_dim=16,
     ),
     "vitb": dict(),  # ViT-B/16 + BERT-base (BioClinicalBERT architecture), the paper's heads
 }
@@ -88,8 +105,11 @@ def main():
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--volumes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="the tiny test model, 1 X-ray + 1 CT, one step (CI)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.images, args.volumes, args.steps = ["smoke"], 1, 1, 1
     if args.worker:
         size, masking = args.worker.split(":")
         print(json.dumps(run_setting(size, masking, args.images, args.volumes, args.steps)))

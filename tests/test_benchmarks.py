@@ -36,6 +36,7 @@ def run_smoke(script: str) -> str:
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout

@@ -19,6 +19,7 @@ SMOKE_RUNS = {
     "ct_preprocess.py": "| MONAI, same operations (no Spacing) |",
     "data_throughput.py": "| CT |",
     "embed_throughput.py": "UniMedI 2D / timm ratio",
+    "prepare_throughput.py": "| CT-RATE (512 x 512 x 133",
     "pretrain_step.py": "| smoke |",
 }
 

@@ -30,17 +30,16 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/prepare_throughput.py` from a fresh clone
 
-from modeling_unimedi import UniMedIVolumeProcessor, load_ct  # noqa: E402
-from processing.samples import sample_path  # noqa: E402
-from processing.schema import ct_record, xray_record  # noqa: E402
-from processing.shards import write_shards  # noqa: E402
+from modeling_unimedi import UniMedIVolumeProcessor, load_ct
+from processing.samples import sample_path
+from processing.schema import ct_record, xray_record
+from processing.shards import write_shards
 
 MIMIC_SIZE = (2544, 3056)  # (width, height) of most MIMIC-CXR-JPG frontal images
 MAX_SIDE = 512  # the reader's default downsizing

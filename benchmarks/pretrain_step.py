@@ -82,8 +82,8 @@ def model_kwargs(size: str) -> dict:
     return {**demo["model_config"], "text_config": text_config}
 
 
-def build(size: str, variant: str):
-    """Model, optimizer and one batch for a size and variant."""
+def build(size: str, variant: str, images: int | None = None, volumes: int | None = None, device: str = "cpu"):
+    """Model, optimizer and one batch for a size and variant (``images``/``volumes`` override the size's batch)."""
     import torch
 
     from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining
@@ -94,20 +94,23 @@ def build(size: str, variant: str):
     config = UniMedIConfig.for_ablation(
         "vl+sd+attn", **model_kwargs(size), **({"token_masking": "none"} if naive else {})
     )
-    model = UniMedIForPreTraining._from_config(config, attn_implementation="eager" if naive else "sdpa").train()
+    model = UniMedIForPreTraining._from_config(config, attn_implementation="eager" if naive else "sdpa")
+    model = model.to(device).train()
     if not naive:
         for module in freeze_text_layers(model.unimedi.text_model, "all"):
             module.eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     vision, spec = config.vision_config, SIZES[size]
-    samples = spec["images"] + spec["volumes"]
+    images = spec["images"] if images is None else images
+    volumes = spec["volumes"] if volumes is None else volumes
+    samples, length = images + volumes, spec["text_length"]
     batch = {
-        "input_ids": torch.randint(1000, config.text_config.vocab_size, (samples, spec["text_length"])),
-        "attention_mask": torch.ones(samples, spec["text_length"], dtype=torch.long),
-        "pixel_values": torch.rand(spec["images"], 3, vision.image_size, vision.image_size) * 2 - 1,
-        "volume_values": torch.rand(spec["volumes"], 1, *vision.volume_size) * 2 - 1,
+        "input_ids": torch.randint(1000, config.text_config.vocab_size, (samples, length)),
+        "attention_mask": torch.ones(samples, length, dtype=torch.long),
+        "pixel_values": torch.rand(images, 3, vision.image_size, vision.image_size) * 2 - 1,
+        "volume_values": torch.rand(volumes, 1, *vision.volume_size) * 2 - 1,
     }
-    return model, optimizer, batch
+    return model, optimizer, {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def train_step(model, optimizer, batch, timings=None) -> None:

@@ -26,9 +26,9 @@ import sys
 import time
 
 import torch
+from pretrain_step import VARIANTS, build, train_step  # benchmarks/ is the script's folder, first on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain_step import VARIANTS, build, train_step  # benchmarks/ is the script's folder, first on sys.path
 from training.data import cts_in_batch
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) of the SXM parts, from NVIDIA's data sheets.

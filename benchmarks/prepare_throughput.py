@@ -286,7 +286,12 @@ def main() -> None:
         if count == 1:
             continue
         wall_one = walls[name, 1, num_proc]
-        steady = (count - 1) / max(wall - wall_one, 1e-6)
+        if wall <= wall_one:  # start-up varied more than the work took: no steady-state figure from this run
+            print(
+                f"| {name} | {num_proc} | {count} | {wall:.2f} | {wall_one:.2f} | {count / wall:.2f} | n/a | n/a | n/a |"
+            )
+            continue
+        steady = (count - 1) / (wall - wall_one)
         single.setdefault(name, steady)
         print(
             f"| {name} | {num_proc} | {count} | {wall:.2f} | {wall_one:.2f} | {count / wall:.2f} | {steady:.2f} | "

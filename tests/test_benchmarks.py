@@ -37,7 +37,7 @@ def run_smoke(script: str) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # catches a hang; a loaded CI machine can take minutes
         check=False,
     )
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -115,6 +115,8 @@ def build(size: str, variant: str, images: int | None = None, volumes: int | Non
 
 def train_step(model, optimizer, batch, timings=None) -> None:
     """Forward, backward, AdamW, EMA; ``timings`` (a dict) gets the wall time of each part when given."""
+    from training import schedules
+
     marks = [time.perf_counter()]
     loss = model(**batch).loss
     marks.append(time.perf_counter())
@@ -123,7 +125,7 @@ def train_step(model, optimizer, batch, timings=None) -> None:
     marks.append(time.perf_counter())
     optimizer.step()
     marks.append(time.perf_counter())
-    model.update_teacher(total_steps=1000)
+    model.update_teacher(schedules.ema_momentum(model.config, int(model.num_teacher_updates), 1000))
     marks.append(time.perf_counter())
     if timings is not None:
         for name, start, end in zip(("forward", "backward", "optimizer", "EMA update"), marks, marks[1:]):
@@ -136,10 +138,10 @@ def forward_hooks(model, timings: dict) -> None:
         "student vision passes": model.unimedi.vision_model,
         "text encoder": model.unimedi.text_model,
         "DINO heads (student + teacher)": [
-            model.cls_head,
-            model.patch_head,
-            model.teacher_cls_head,
-            model.teacher_patch_head,
+            model.student.cls_head,
+            model.student.patch_head,
+            model.teacher.cls_head,
+            model.teacher.patch_head,
         ],
     }
 
@@ -165,7 +167,7 @@ def forward_hooks(model, timings: dict) -> None:
             return "teacher: CT scoring for slice selection (Eq. 1-2)"
         return "teacher passes (Eq. 1 scores + DINO targets)"
 
-    timed(model.teacher_vision_model, teacher_part)
+    timed(model.teacher.backbone, teacher_part)
 
 
 def run_setting(size: str, variant: str, steps: int, profile: bool) -> dict:

@@ -56,7 +56,7 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "video")
     # Everything that is not this model's own module is part of the CLIP model or of pretraining.
-    _keys_to_ignore_on_load_unexpected = [r"^(?!vision_model\.|classifier\.)"]
+    _keys_to_ignore_on_load_unexpected = (r"^(?!vision_model\.|classifier\.)",)
 
     def __init__(self, config: UniMedIConfig):
         super().__init__(config)
@@ -100,7 +100,9 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
             inferred from them when unset, as in `ViTForImageClassification`.
         """
         if (pixel_values is None) == (volume_values is None):
-            raise ValueError("Give either `pixel_values` (X-rays) or `volume_values` (CT volumes), not both or neither")
+            raise ValueError(
+                "Give either `pixel_values` (X-rays) or `volume_values` (CT volumes), not both or neither"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             outputs = self.vision_model(pixel_values=pixel_values, volume_values=volume_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)

@@ -47,8 +47,8 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
     transformers strips). Everything else in such a folder (text tower, projections, teacher, DINO heads) is
     expected to be unused and is not reported; a missing encoder weight still is. The head starts at random.
 
-    Linear probe (§4.2): `config.freeze_encoder = True` (e.g. `from_pretrained(folder, freeze_encoder=True)`) or
-    `freeze_encoder()` takes the encoder out of training: no gradients, and eval mode even under `model.train()`, so
+    Linear probe (§4.2): `freeze_encoder=True` (constructor or `from_pretrained(folder, freeze_encoder=True)`; kept
+    in the saved config) or `freeze_encoder()` takes the encoder out of training: no gradients, and eval mode even under `model.train()`, so
     dropout never touches the features. Only `classifier` learns.
     """
 
@@ -58,14 +58,16 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
     # Everything that is not this model's own module is part of the CLIP model or of pretraining.
     _keys_to_ignore_on_load_unexpected = (r"^(?!vision_model\.|classifier\.)",)
 
-    def __init__(self, config: UniMedIConfig):
+    def __init__(self, config: UniMedIConfig, freeze_encoder: bool | None = None):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vision_model = UniMedIVisionModel._from_config(config.vision_config)
         hidden_size = config.vision_config.hidden_size
         self.classifier = nn.Linear(hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-        if getattr(config, "freeze_encoder", False):
+        if freeze_encoder is not None:
+            config.freeze_encoder = freeze_encoder
+        if self.encoder_frozen:
             self.freeze_encoder()
 
     @property
@@ -75,12 +77,14 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
     def freeze_encoder(self) -> None:
         """Linear-probe mode: the encoder gets no gradients and stays in eval mode; recorded in the config."""
         self.config.freeze_encoder = True
-        self.vision_model.requires_grad_(False)
-        self.vision_model.eval()
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "UniMedIForImageClassification":
+        """As `nn.Module.train`, except that a frozen encoder stays frozen and in eval mode. `from_pretrained` ends
+        with `eval()`, so this also re-freezes the parameters that loading the weights replaced."""
         super().train(mode)
         if self.encoder_frozen:
+            self.vision_model.requires_grad_(False)
             self.vision_model.eval()
         return self
 

@@ -336,3 +336,22 @@ def test_an_interrupted_finetune_resumes_to_the_same_epochs(groundtruth_data, tm
     for a, b in zip(whole, parts):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["validation/loss"] == pytest.approx(b["validation/loss"], abs=1e-6)
+
+
+def test_grid_runs_missing_cells_and_prints_paper_shaped_tables(groundtruth_data, tmp_path, monkeypatch, capsys):
+    from training import finetune_grid
+
+    table = finetune_grid.Table("Tiny table", ("groundtruth-xray",), True, (0.5,))
+    monkeypatch.setitem(finetune_grid.GRIDS, "tiny", (table,))
+    args = ["--grid", "tiny", "--models", "random=none", "--output-dir", str(tmp_path)]
+    settings = tiny_finetune_args(groundtruth_data, tmp_path / "unused", num_epochs=1)
+    settings = [s for s in settings if not s.startswith("output_dir=")]
+    tables = finetune_grid.main([*args, *settings])
+    results = json.loads((tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").read_text())
+    value = f"{100 * results['test']['mean_auroc']:.1f}"
+    assert tables.splitlines()[2:] == ["| Method | groundtruth-xray 50 % |", "|---|---|", f"| random | {value} |"]
+    assert (tmp_path / "tables.md").read_text() == tables
+    mtime = (tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").stat().st_mtime
+    finetune_grid.main([*args, *settings])  # a finished cell is not run again
+    assert (tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").stat().st_mtime == mtime
+    assert finetune_grid.parse_models("a=x/y,b=random") == {"a": "x/y", "b": None}

@@ -5,9 +5,10 @@
 
 Every cell is one `training.finetune` run in `<output-dir>/<model>/<dataset>-<protocol>-<fraction>/`; a cell whose
 `results.json` exists is not run again, so an interrupted grid continues where it stopped. Extra `key=value`
-settings go to every run (e.g. `num_epochs=5`). Prints and writes `tables.md`: for `paper`, Table 1 (2D linear
-probe: CheXpert and RSNA AUROC, COVIDx accuracy), Table 2 (CC-CCII linear probe) and Table 3 (CC-CCII and LUNA16
-fine-tuned on all labels); for `groundtruth`, the same protocol on the benchmark's X-rays and CTs.
+settings go to every run (e.g. `num_epochs=5`); `--datasets` runs only some datasets' cells, `--tables-only` none.
+Prints and writes `tables.md`: for `paper`, Table 1 (2D linear probe: CheXpert and RSNA AUROC, COVIDx accuracy),
+Table 2 (CC-CCII linear probe) and Table 3 (CC-CCII and LUNA16 fine-tuned on all labels); for `groundtruth`, the
+same protocol on the benchmark's X-rays and CTs.
 """
 
 import argparse
@@ -59,12 +60,18 @@ def cell_dir(output_dir: Path, model_name: str, dataset: str, linear_probe: bool
     return output_dir / model_name / f"{dataset}-{'probe' if linear_probe else 'finetune'}-{fraction:g}"
 
 
-def run_grid(grid: str, models: dict[str, str | None], output_dir: Path, data_root: str | None, overrides: list[str]):
-    """Run every missing cell of `grid` for every model; returns {cell folder: results}."""
-    results = {}
+def run_grid(
+    grid: str,
+    models: dict[str, str | None],
+    output_dir: Path,
+    data_root: str | None,
+    overrides: list[str],
+    datasets: set[str] | None = None,
+):
+    """Run every missing cell of `grid` (of `datasets` only, when given) for every model."""
     for table in GRIDS[grid]:
         for model_name, model in models.items():
-            for dataset in table.datasets:
+            for dataset in (d for d in table.datasets if datasets is None or d in datasets):
                 for fraction in table.fractions:
                     folder = cell_dir(output_dir, model_name, dataset, table.linear_probe, fraction)
                     if not (folder / "results.json").is_file():
@@ -78,12 +85,11 @@ def run_grid(grid: str, models: dict[str, str | None], output_dir: Path, data_ro
                             *overrides,
                         ]
                         train(load_settings(CONFIG_DIR / CONFIG_FILES[dataset], settings))
-                    results[folder] = json.loads((folder / "results.json").read_text())
-    return results
 
 
-def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path, results: dict) -> str:
-    """One markdown table per `Table`: a row per model, a column per dataset and label fraction, values in %."""
+def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path) -> str:
+    """One markdown table per `Table`: a row per model, a column per dataset and label fraction, values in % ("-":
+    a cell not run)."""
     blocks = []
     for table in GRIDS[grid]:
         columns = [(d, f) for d in table.datasets for f in table.fractions]
@@ -92,7 +98,8 @@ def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path, 
         for model_name in models:
             cells = []
             for dataset, fraction in columns:
-                found = results.get(cell_dir(output_dir, model_name, dataset, table.linear_probe, fraction))
+                results = cell_dir(output_dir, model_name, dataset, table.linear_probe, fraction) / "results.json"
+                found = json.loads(results.read_text()) if results.is_file() else None
                 value = None if found is None else found["test"][found["metric"]]
                 cells.append("-" if value is None else f"{100 * value:.1f}")
             rows.append(f"| {model_name} | " + " | ".join(cells) + " |")
@@ -117,11 +124,16 @@ def main(argv=None) -> str:
     parser.add_argument("--models", default="random=none", help="name=folder,... (folder 'none': random init)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/finetune_grid"))
     parser.add_argument("--data-root", help="folder holding one prepared folder per dataset (data-root/chexpert, ...)")
+    parser.add_argument("--datasets", help="comma-separated: run only these datasets' cells (e.g. groundtruth-ct)")
+    parser.add_argument("--tables-only", action="store_true", help="print the tables of the finished cells only")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every run")
     args = parser.parse_args(argv)
     models = parse_models(args.models)
-    results = run_grid(args.grid, models, args.output_dir, args.data_root, args.overrides)
-    tables = markdown_tables(args.grid, models, args.output_dir, results)
+    datasets = set(args.datasets.split(",")) if args.datasets else None
+    if not args.tables_only:
+        run_grid(args.grid, models, args.output_dir, args.data_root, args.overrides, datasets)
+    tables = markdown_tables(args.grid, models, args.output_dir)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "tables.md").write_text(tables)
     print(tables)
     return tables

@@ -31,7 +31,9 @@ def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     """MSE for regression, cross-entropy for single-label, BCE-with-logits for multi-label targets."""
     if problem_type == "regression":
-        return nn.functional.mse_loss(logits.squeeze(-1) if logits.shape[-1] == 1 else logits, labels.float())
+        if logits.shape[-1] == 1:  # one output: (batch,) or (batch, 1) targets
+            return nn.functional.mse_loss(logits.view(-1), labels.float().view(-1))
+        return nn.functional.mse_loss(logits, labels.float())
     if problem_type == "single_label_classification":
         return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
     if problem_type == "multi_label_classification":

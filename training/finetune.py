@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_unimedi import UniMedIConfig, UniMedIForImageClassification
+from modeling_unimedi.classification_unimedi import classification_loss
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing import cc_ccii, chexpert, covidx, luna16, rsna
 from processing.groundtruth_reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS  # moves with processing.groundtruth
@@ -293,17 +294,16 @@ def metrics(spec: DatasetSpec, logits: np.ndarray, labels: np.ndarray) -> dict:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, spec: DatasetSpec) -> dict:
-    """Mean loss and the dataset's metric over a whole split."""
+    """Loss and the dataset's metric over a whole split (every process's samples gathered, padding dropped)."""
     model.eval()
-    losses, all_logits, all_labels = [], [], []
+    all_logits, all_labels = [], []
     for batch in loader:
-        out = model(**batch)
-        logits, labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
-        losses.append(accelerator.gather_for_metrics(out.loss.detach()[None] * len(batch["labels"])))
+        logits, labels = accelerator.gather_for_metrics((model(**batch).logits, batch["labels"]))
         all_logits.append(logits.float().cpu())
         all_labels.append(labels.cpu())
-    logits, labels = torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
-    return {"loss": float(torch.cat(losses).sum() / len(labels)), **metrics(spec, logits, labels)}
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    loss = classification_loss(logits, labels, spec.problem_type)
+    return {"loss": float(loss), **metrics(spec, logits.numpy(), labels.numpy())}
 
 
 # --- training --------------------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ export, so `save_pretrained` writes an `auto_map` and copies these flat files as
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining, AutoProcessor
+from transformers import AutoModelForImageClassification
 
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
+from .classification_unimedi import UniMedIForImageClassification
 from .image_processing_unimedi import UniMedIImageProcessor
 from .loading_unimedi import CTVolume, load_ct, load_xray
 from .modeling_unimedi import UniMedIModel, UniMedIPreTrainedModel, UniMedIVisionModel
@@ -31,6 +33,8 @@ UniMedIModel.register_for_auto_class("AutoModel")
 UniMedIVisionModel.register_for_auto_class("AutoModel")
 UniMedIForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 UniMedIProcessor.register_for_auto_class()  # also marks UniMedIImageProcessor for AutoImageProcessor
+AutoModelForImageClassification.register(UniMedIConfig, UniMedIForImageClassification, exist_ok=True)
+UniMedIForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "UniMedIConfig",
@@ -40,6 +44,7 @@ __all__ = [
     "UniMedIVisionModel",
     "UniMedIForPreTraining",
     "UniMedIForPreTrainingOutput",
+    "UniMedIForImageClassification",
     "UniMedIImageProcessor",
     "UniMedIVolumeProcessor",
     "UniMedIProcessor",

@@ -22,18 +22,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling_unimedi.volume_processing_unimedi import CTVolume
+from modeling_unimedi.loading_unimedi import CTVolume
 
 from .downstream import (
     DEFAULT_SEED,
     LabelledScan,
     check_split,
+    downstream_command,
     fraction_counts,
     labelled_ct_record,
     require_dir,
     seeded_split,
 )
-from .prepare import Drop, PrepareLog, load_records
+from .pipeline import Drop, PrepareLog, load_records
 
 SOURCE = "cc-ccii"
 DESCRIPTION = "Clean-CC-CCII chest CT scans, NCP / CP / Normal (classification)"
@@ -93,3 +94,6 @@ def load_scan(candidate: LabelledScan) -> dict:
     hu = low + np.stack(slices) / 255.0 * (high - low)
     ct = CTVolume(hu=hu, spacing=(1.0, 1.0, 1.0), source=str(candidate.file))
     return labelled_ct_record(candidate, ct, num_slices=len(slices), slice_shape=list(slices[0].shape))
+
+
+COMMAND = downstream_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

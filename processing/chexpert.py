@@ -22,12 +22,13 @@ from .downstream import (
     DEFAULT_SEED,
     LabelledXray,
     check_split,
+    downstream_command,
     read_xrays,
     require_dir,
     require_file,
     seeded_split,
 )
-from .prepare import PrepareLog, read_table
+from .pipeline import PrepareLog, read_table
 
 SOURCE = "chexpert"
 DESCRIPTION = "CheXpert v1.0 frontal X-rays with the 5 competition labels (classification)"
@@ -87,3 +88,6 @@ def positive_labels(values: dict[str, str], where: str) -> tuple[str, ...]:
         if value == 1.0 or (value == -1.0 and UNCERTAIN_MAPPING[name]):
             positive.append(name)
     return tuple(positive)
+
+
+COMMAND = downstream_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

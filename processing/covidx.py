@@ -18,12 +18,13 @@ from .downstream import (
     DEFAULT_SEED,
     LabelledXray,
     check_split,
+    downstream_command,
     fraction_counts,
     read_xrays,
     require_dir,
     seeded_split,
 )
-from .prepare import PrepareLog
+from .pipeline import PrepareLog
 
 SOURCE = "covidx"
 DESCRIPTION = "COVIDx CXR v6 chest X-rays, normal / pneumonia / COVID-19 (classification)"
@@ -84,3 +85,6 @@ def read_list(path: Path) -> list[tuple[str, str, str, str]]:
             )
         rows.append(tuple(fields))
     return rows
+
+
+COMMAND = downstream_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

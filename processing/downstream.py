@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling_unimedi.image_processing_unimedi import load_xray
-from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
+from modeling_unimedi.loading_unimedi import CTVolume, load_xray
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 from .mimic_cxr import xray_bytes
-from .prepare import PrepareLog, load_records
+from .pipeline import DatasetCommand, PrepareLog, load_records
 from .schema import ct_record, xray_record
 
 DEFAULT_SEED = 0  # every random split below is drawn from this seed, so re-running a reader gives the same split
@@ -140,3 +140,18 @@ def labelled_ct_record(candidate: LabelledScan, ct: CTVolume, **metadata) -> dic
         labels=(candidate.label,),
         metadata={**candidate.metadata, **metadata},
     )
+
+
+def downstream_command(
+    name: str, description: str, splits: tuple[str, ...], records_per_shard: int, read_split
+) -> DatasetCommand:
+    """A downstream reader's entry in ``python -m processing.prepare``: no options beyond the common ones."""
+
+    def open_reader(args):
+        return {}, partial(_read_split_of_run, read_split, args.root, args.num_proc)
+
+    return DatasetCommand(name, description, splits, records_per_shard, lambda parser: None, open_reader)
+
+
+def _read_split_of_run(read_split, root, num_proc: int, split: str, log: PrepareLog):
+    return read_split(root, split, log=log, num_proc=num_proc)

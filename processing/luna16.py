@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling_unimedi.volume_processing_unimedi import load_ct
+from modeling_unimedi.loading_unimedi import load_ct
 
-from .downstream import LabelledScan, check_split, labelled_ct_record, require_dir, require_file
-from .prepare import PrepareLog, load_records, read_table
+from .downstream import LabelledScan, check_split, downstream_command, labelled_ct_record, require_dir, require_file
+from .pipeline import PrepareLog, load_records, read_table
 
 SOURCE = "luna16"
 DESCRIPTION = "LUNA16 chest CT scans, nodule vs normal (classification)"
@@ -84,3 +84,6 @@ def read_metaimage(path: Path):
 def load_scan(candidate: LabelledScan) -> dict:
     ct = load_ct(read_metaimage(candidate.file))
     return labelled_ct_record(candidate, ct, source_shape=list(ct.hu.shape))
+
+
+COMMAND = downstream_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

@@ -1,9 +1,10 @@
-"""Preparing the pretraining sources as sharded parquet datasets: the command line over ``processing.pipeline``.
+"""Preparing the pretraining and downstream sources as sharded parquet datasets: the command line over ``processing.pipeline``.
 
     python -m processing.prepare mimic-cxr --root /data/mimic-cxr-jpg --reports /data/mimic-cxr-reports \
         --out data/mimic --records-per-shard 256
     python -m processing.prepare bimcv --root /data/bimcv/covid19_posi --translations en.json --out data/bimcv
     python -m processing.prepare ct-rate --root /data/CT-RATE/dataset --out data/ct-rate --num-proc 8
+    python -m processing.prepare chexpert --root /data/CheXpert-v1.0 --out data/chexpert  # also rsna, covidx, ...
 
 Each dataset is one reader module exposing a ``COMMAND`` (``processing.pipeline.DatasetCommand``); listing it in
 ``DATASETS`` below is all a new reader needs to appear here. Layouts: README.md.
@@ -15,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import bimcv, ct_rate, mimic_cxr
+from . import bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
 from .pipeline import SUMMARY_FILE, DatasetCommand, prepare
 
 DATASETS: dict[str, DatasetCommand] = {
@@ -24,6 +25,11 @@ DATASETS: dict[str, DatasetCommand] = {
         mimic_cxr.COMMAND,
         bimcv.COMMAND,
         ct_rate.COMMAND,
+        chexpert.COMMAND,
+        rsna.COMMAND,
+        covidx.COMMAND,
+        cc_ccii.COMMAND,
+        luna16.COMMAND,
     )
 }
 

@@ -18,13 +18,14 @@ from .downstream import (
     DEFAULT_SEED,
     LabelledXray,
     check_split,
+    downstream_command,
     fraction_counts,
     read_xrays,
     require_dir,
     require_file,
     seeded_split,
 )
-from .prepare import PrepareLog, read_table
+from .pipeline import PrepareLog, read_table
 
 SOURCE = "rsna"
 DESCRIPTION = "RSNA Pneumonia stage 2 chest X-rays, pneumonia vs normal (classification)"
@@ -62,3 +63,6 @@ def index_rsna(root: str | os.PathLike, split: str) -> Iterator[LabelledXray]:
                 labels=CLASSES if is_positive else (),
                 metadata={"patient_id": patient_id},
             )
+
+
+COMMAND = downstream_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

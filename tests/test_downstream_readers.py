@@ -11,7 +11,7 @@ from PIL import Image
 
 from processing import cc_ccii, chexpert, covidx, luna16, rsna
 from processing.downstream import seeded_split
-from processing.prepare import PrepareLog
+from processing.pipeline import PrepareLog
 from processing.schema import CT, XRAY, decode_volume
 from processing.shards import stream_split, write_shards
 

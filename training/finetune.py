@@ -40,7 +40,7 @@ from modeling_unimedi import UniMedIConfig, UniMedIForImageClassification
 from modeling_unimedi.classification_unimedi import classification_loss
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing import cc_ccii, chexpert, covidx, luna16, rsna
-from processing.groundtruth_reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS  # moves with processing.groundtruth
+from processing.groundtruth.reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS
 from processing.schema import CT, FEATURES, XRAY, decode_volume
 from processing.shards import modality_shards
 from training import checkpointing

@@ -483,20 +483,13 @@ class UniMedIModel(UniMedIPreTrainedModel):
     ) -> UniMedICommonSpace:
         r"""The common-space tail of both UniMedI forwards (this model's and [`UniMedIForPreTraining`]'s).
 
-        Checks that there is one report per sample (the X-rays' first), projects the vision [CLS] states
-        `image_states` (num_images, hidden_size) and `volume_states` (num_volumes, hidden_size) and the reports into
-        the common space, normalises them and scores every sample against every report.
+        Projects the vision [CLS] states `image_states` (num_images, hidden_size) and `volume_states`
+        (num_volumes, hidden_size) and the texts into the common space, normalises them and scores every sample
+        (X-rays first) against every text. Any numbers of samples and texts; only the losses need one report per sample.
         """
         states = [s for s in (image_states, volume_states) if s is not None]
         if not states:
             raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
-        num_images = 0 if image_states is None else image_states.shape[0]
-        num_volumes = 0 if volume_states is None else volume_states.shape[0]
-        if input_ids.shape[0] != num_images + num_volumes:
-            raise ValueError(
-                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
-                "report per sample, the X-rays' reports first, then the volumes'"
-            )
         text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
         vision_embeds = F.normalize(self.visual_projection(torch.cat(states)), dim=-1)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
@@ -521,12 +514,15 @@ class UniMedIModel(UniMedIPreTrainedModel):
         **kwargs,
     ) -> UniMedIOutput:
         r"""
-        A mixed batch: `pixel_values` (num_images, C, H, W) X-rays and/or `volume_values` (num_volumes, 1, D, H, W)
-        CTs, and one report per sample in `input_ids`, the X-rays' reports first, then the volumes'.
-        return_loss (`bool`, *optional*): also return the symmetric CLIP loss L_vl over all samples.
+        As CLIP: `pixel_values` (num_images, C, H, W) X-rays and/or `volume_values` (num_volumes, 1, D, H, W) CTs are
+        scored against every text of `input_ids`, any number of each: `logits_per_image` is
+        (num_images + num_volumes, num_texts), X-rays first (`logits_per_image.softmax(dim=1)` gives zero-shot
+        probabilities).
+        return_loss (`bool`, *optional*): also return the symmetric CLIP loss L_vl, which pairs sample i with text i:
+            it needs one report per sample, the X-rays' reports first, then the volumes'.
         """
         if input_ids is None:
-            raise ValueError("`input_ids` (one report per X-ray/volume) are required")
+            raise ValueError("`input_ids` (the texts to score the X-rays/volumes against) are required")
         image_outputs = volume_outputs = None
         if pixel_values is not None:
             image_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)

@@ -220,13 +220,31 @@ def test_clear_input_errors(model):
         model.get_image_features(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model.get_volume_features(torch.rand(1, 1, 10, 32, 32))
-    inputs = batch(2, 2)
-    inputs["input_ids"] = inputs["input_ids"][:3]
-    inputs["attention_mask"] = inputs["attention_mask"][:3]
-    with pytest.raises(ValueError, match="2 X-ray\\(s\\) and 2 volume\\(s\\) but 3 report"):
-        model(**inputs)
     with pytest.raises(ValueError, match="one volume per sample"):
         model.vision_model(volume_values=torch.rand(2, 1, 8, 32, 32), pixel_values=torch.rand(3, 1, 3, 32, 32))
+
+
+def test_scores_any_numbers_of_samples_and_texts_as_clip(model):
+    """Without `return_loss`, 2 X-rays + 2 CTs against 3 texts: a (4, 3) score matrix equal to the embeddings'."""
+    inputs = batch(2, 2)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:3], inputs["attention_mask"][:3]
+    with torch.no_grad():
+        output = model(**inputs)
+        images = model.get_image_features(inputs["pixel_values"]).pooler_output
+        volumes = model.get_volume_features(inputs["volume_values"]).pooler_output
+        texts = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+    vision = torch.nn.functional.normalize(torch.cat([images, volumes]), dim=-1)
+    expected = model.logit_scale.exp() * vision @ torch.nn.functional.normalize(texts, dim=-1).t()
+    assert output.logits_per_image.shape == (4, 3) and output.logits_per_text.shape == (3, 4)
+    assert torch.allclose(output.logits_per_image, expected, atol=1e-5)
+    assert torch.allclose(output.logits_per_image.softmax(dim=1).sum(dim=1), torch.ones(4))
+
+
+def test_loss_needs_one_report_per_sample(model):
+    inputs = batch(2, 2)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:3], inputs["attention_mask"][:3]
+    with pytest.raises(ValueError, match=r"one report per sample .* got 4 X-ray\(s\)/volume\(s\) and 3 report"):
+        model(**inputs, return_loss=True)
 
 
 # ---------------------------------------------------------------- weights

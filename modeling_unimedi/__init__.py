@@ -1,15 +1,31 @@
 """UniMedI: unified 2D/3D medical vision-language pre-training, Hugging Face native.
 
-Importing this package registers the UniMedI classes with the transformers Auto* factories and marks them for Hub
-export, so `save_pretrained` writes an `auto_map` and copies these flat files as remote code.
+Importing this package registers the UniMedI classes with the transformers Auto* factories (AutoModel,
+AutoModelForZeroShotImageClassification, AutoModelForPreTraining, AutoProcessor, ...) and the CT pipelines with
+PIPELINE_REGISTRY, and marks them for Hub export, so `save_pretrained` writes an `auto_map` and `custom_pipelines`
+and copies these flat files as remote code.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
 from .image_processing_unimedi import UniMedIImageProcessor
 from .loading_unimedi import CTVolume, load_ct, load_xray
-from .modeling_unimedi import UniMedIModel, UniMedIPreTrainedModel, UniMedIVisionModel
+from .modeling_unimedi import (
+    UniMedIModel,
+    UniMedIPreTrainedModel,
+    UniMedITextModelWithProjection,
+    UniMedIVisionModel,
+    UniMedIVisionModelWithProjection,
+)
+from .pipelines_unimedi import VolumeFeatureExtractionPipeline, ZeroShotVolumeClassificationPipeline
 from .pretraining_unimedi import UniMedIForPreTraining, UniMedIForPreTrainingOutput
 from .processing_unimedi import UniMedIProcessor
 from .volume_processing_unimedi import UniMedIVolumeProcessor
@@ -19,6 +35,7 @@ AutoConfig.register(UniMedIConfig.model_type, UniMedIConfig, exist_ok=True)
 AutoConfig.register(UniMedIVisionConfig.model_type, UniMedIVisionConfig, exist_ok=True)
 AutoModel.register(UniMedIConfig, UniMedIModel, exist_ok=True)
 AutoModel.register(UniMedIVisionConfig, UniMedIVisionModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(UniMedIConfig, UniMedIModel, exist_ok=True)
 AutoModelForPreTraining.register(UniMedIConfig, UniMedIForPreTraining, exist_ok=True)
 AutoImageProcessor.register(
     UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True
@@ -38,6 +55,8 @@ __all__ = [
     "UniMedIModel",
     "UniMedIPreTrainedModel",
     "UniMedIVisionModel",
+    "UniMedIVisionModelWithProjection",
+    "UniMedITextModelWithProjection",
     "UniMedIForPreTraining",
     "UniMedIForPreTrainingOutput",
     "UniMedIImageProcessor",
@@ -46,6 +65,8 @@ __all__ = [
     "CTVolume",
     "load_ct",
     "load_xray",
+    "ZeroShotVolumeClassificationPipeline",
+    "VolumeFeatureExtractionPipeline",
     "UniMedIZeroShot",
     "RetrievalResult",
     "recall_at_k",

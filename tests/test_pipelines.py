@@ -15,6 +15,7 @@ from modeling_unimedi import (
     UniMedIImageProcessor,
     UniMedIModel,
     UniMedIProcessor,
+    UniMedITextModelWithProjection,
     UniMedIVisionModelWithProjection,
     UniMedIVolumeProcessor,
 )
@@ -103,6 +104,15 @@ def test_image_feature_extraction_on_the_vision_tower(folder, model, processor, 
     with torch.no_grad():
         expected = model.get_image_features(**processor(images=[xray_jpeg_paths[0]])).pooler_output
     assert torch.allclose(extractor(str(xray_jpeg_paths[0]), return_tensors=True), expected, atol=1e-5)
+
+
+def test_feature_extraction_on_the_text_tower(folder, model, processor):
+    extractor = pipeline(
+        "feature-extraction", model=UniMedITextModelWithProjection.from_pretrained(folder), tokenizer=processor.tokenizer
+    )
+    with torch.no_grad():
+        expected = model.get_text_features(**processor(text=["Small left pleural effusion."])).pooler_output
+    assert torch.allclose(extractor("Small left pleural effusion.", return_tensors=True), expected, atol=1e-5)
 
 
 def test_pipelines_as_hub_remote_code(folder, model, processor, xray_jpeg_paths, ct_nifti_path, tmp_path):

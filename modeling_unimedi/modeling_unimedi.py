@@ -356,7 +356,9 @@ class UniMedIPreTrainedModel(PreTrainedModel):
         """
         want_info = kwargs.pop("output_loading_info", False)
         try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
         except SafetensorError as error:
             raise OSError(
                 f"{pretrained_model_name_or_path}: cannot read its safetensors weights ({error}); the file is truncated "
@@ -716,7 +718,9 @@ class UniMedITextModelWithProjection(UniMedIPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> UniMedITextModelWithProjectionOutput:
-        outputs = encode_text(self.text_model, self.text_projection, input_ids, attention_mask, token_type_ids, **kwargs)
+        outputs = encode_text(
+            self.text_model, self.text_projection, input_ids, attention_mask, token_type_ids, **kwargs
+        )
         return UniMedITextModelWithProjectionOutput(
             text_embeds=outputs.pooler_output,
             last_hidden_state=outputs.last_hidden_state,
@@ -726,9 +730,9 @@ class UniMedITextModelWithProjection(UniMedIPreTrainedModel):
 
 
 __all__ = [
-    "UniMedIPreTrainedModel",
-    "UniMedIVisionModel",
     "UniMedIModel",
-    "UniMedIVisionModelWithProjection",
+    "UniMedIPreTrainedModel",
     "UniMedITextModelWithProjection",
+    "UniMedIVisionModel",
+    "UniMedIVisionModelWithProjection",
 ]

@@ -83,4 +83,4 @@ for task, pipeline_class in (
     if task not in PIPELINE_REGISTRY.get_supported_tasks():  # once, though remote code imports this file again
         PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModel)
 
-__all__ = ["ZeroShotVolumeClassificationPipeline", "VolumeFeatureExtractionPipeline"]
+__all__ = ["VolumeFeatureExtractionPipeline", "ZeroShotVolumeClassificationPipeline"]

@@ -87,7 +87,9 @@ class UniMedIProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             images_kwargs = {k: v for k, v in merged["images_kwargs"].items() if k != "return_tensors"}
-            data.update(self.image_processor(images, return_tensors=return_tensors, training=training, **images_kwargs))
+            data.update(
+                self.image_processor(images, return_tensors=return_tensors, training=training, **images_kwargs)
+            )
         if volumes is not None:
             data.update(
                 self.volume_processor(volumes, return_tensors=return_tensors, training=training, **volumes_kwargs)

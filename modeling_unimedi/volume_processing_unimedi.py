@@ -26,7 +26,6 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.utils import PROCESSOR_NAME, cached_file
 
 from .image_processing_unimedi import processor_with_settings
-
 from .loading_unimedi import (
     CANONICAL_ORIENTATION,
     MAX_VOXELS,
@@ -187,16 +186,16 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """``volumes``: one item or a list of items; see ``__call__``. ``settings``: this call's setting overrides."""
         if settings:
-            return processor_with_settings(self, settings).preprocess(volumes, return_tensors=return_tensors, training=training)
+            return processor_with_settings(self, settings).preprocess(
+                volumes, return_tensors=return_tensors, training=training
+            )
         if isinstance(volumes, (np.ndarray, torch.Tensor)):
             return self.window_grid(volumes, return_tensors=return_tensors, training=training)
         items = list(volumes) if isinstance(volumes, (list, tuple)) else [volumes]
         grids = [item if isinstance(item, (np.ndarray, torch.Tensor)) else self._load_to_grid(item) for item in items]
         return self.window_grid(grids, return_tensors=return_tensors, training=training)
 
-    def __call__(
-        self, volumes, return_tensors: str | None = "pt", training: bool = False, **settings
-    ) -> BatchFeature:
+    def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False, **settings) -> BatchFeature:
         """CT volumes -> {"volume_values": (B, 1, D, H, W)}.
 
         ``volumes``: one item or a list; an item is anything ``load_ct`` reads from a path or nibabel image, or a

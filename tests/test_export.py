@@ -17,9 +17,15 @@ METRICS = {
     "data": "data/groundtruth",
     "split": "test",
     "counts": {"xray": 8, "ct": 4},
-    "zero_shot_auroc": {"xray": {"effusion": 0.8125, "nodule": None, "mean": 0.8125}, "ct": {"effusion": 0.5, "mean": 0.5}},
+    "zero_shot_auroc": {
+        "xray": {"effusion": 0.8125, "nodule": None, "mean": 0.8125},
+        "ct": {"effusion": 0.5, "mean": 0.5},
+    },
     "retrieval": {
-        "report_to_ct": {"num_queries": 4, "R@1": {"strict": 0.5, "same_text": 0.5, "random_strict": 0.25, "random_same_text": 0.25}}
+        "report_to_ct": {
+            "num_queries": 4,
+            "R@1": {"strict": 0.5, "same_text": 0.5, "random_strict": 0.25, "random_same_text": 0.25},
+        }
     },
 }
 

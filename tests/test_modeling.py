@@ -328,7 +328,9 @@ def test_damaged_safetensors_raise_naming_the_folder(model, tmp_path, damage):
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
-    with pytest.raises(OSError, match=f"{re.escape(str(tmp_path))}: cannot read its safetensors weights .*truncated or damaged"):
+    with pytest.raises(
+        OSError, match=f"{re.escape(str(tmp_path))}: cannot read its safetensors weights .*truncated or damaged"
+    ):
         UniMedIModel.from_pretrained(tmp_path)
 
 

@@ -26,9 +26,10 @@ LABELS = ["pleural effusion", "pneumothorax", "no finding"]
 @pytest.fixture(scope="module")
 def model(text_tokenizer):
     torch.manual_seed(0)
-    spread = dict(initializer_range=0.5)  # distinct scores per label on a random tiny model
+    spread = {"initializer_range": 0.5}  # distinct scores per label on a random tiny model
     config = tiny_config(
-        vision_config=dict(TINY_VISION, **spread), text_config=dict(TINY_TEXT, vocab_size=len(text_tokenizer), **spread)
+        vision_config=dict(TINY_VISION, **spread),
+        text_config=dict(TINY_TEXT, vocab_size=len(text_tokenizer), **spread),
     )
     return UniMedIModel(config).eval()
 
@@ -56,7 +57,9 @@ def expected_ranking(model, processor, **vision) -> list[dict]:
     """The documented CLIP computation: softmax over the texts of `logits_per_image`, most likely first."""
     with torch.no_grad():
         probs = model(**processor(text=LABELS, **vision)).logits_per_image.softmax(dim=1)[0]
-    return sorted(({"score": p, "label": label} for p, label in zip(probs.tolist(), LABELS)), key=lambda r: -r["score"])
+    return sorted(
+        ({"score": p, "label": label} for p, label in zip(probs.tolist(), LABELS)), key=lambda r: -r["score"]
+    )
 
 
 def assert_same_ranking(result, expected):
@@ -108,7 +111,9 @@ def test_image_feature_extraction_on_the_vision_tower(folder, model, processor, 
 
 def test_feature_extraction_on_the_text_tower(folder, model, processor):
     extractor = pipeline(
-        "feature-extraction", model=UniMedITextModelWithProjection.from_pretrained(folder), tokenizer=processor.tokenizer
+        "feature-extraction",
+        model=UniMedITextModelWithProjection.from_pretrained(folder),
+        tokenizer=processor.tokenizer,
     )
     with torch.no_grad():
         expected = model.get_text_features(**processor(text=["Small left pleural effusion."])).pooler_output

@@ -22,7 +22,9 @@ def test_tokenizer_kwargs_flat_and_as_text_kwargs(processor, text_tokenizer):
     assert torch.equal(longest, reference)
     padded = processor(text=TEXTS, padding="max_length", max_length=20, return_tensors="pt")["input_ids"]
     assert padded.shape == (2, 20) and torch.equal(padded[:, : longest.shape[1]], longest)
-    assert torch.equal(processor(text=TEXTS, text_kwargs={"padding": "max_length", "max_length": 20})["input_ids"], padded)
+    assert torch.equal(
+        processor(text=TEXTS, text_kwargs={"padding": "max_length", "max_length": 20})["input_ids"], padded
+    )
     truncated = processor(text=TEXTS, truncation=True, max_length=4)["input_ids"]
     assert truncated.shape == (2, 4) and truncated[1, -1] == text_tokenizer.sep_token_id
     as_lists = processor(text=TEXTS, padding=False, return_tensors=None)["input_ids"]
@@ -35,7 +37,9 @@ def test_image_settings_per_call_flat_and_as_images_kwargs(processor, xray_jpeg_
     default = processor(images=path)["pixel_values"]
     assert torch.allclose(default, (unnormalised - 0.5) / 0.5, atol=1e-6)
     assert 0.0 <= unnormalised.min() and unnormalised.max() <= 1.0
-    small = processor(images=path, images_kwargs={"size": {"longest_edge": 160}, "crop_size": {"height": 128, "width": 128}})
+    small = processor(
+        images=path, images_kwargs={"size": {"longest_edge": 160}, "crop_size": {"height": 128, "width": 128}}
+    )
     assert small["pixel_values"].shape == (1, 3, 128, 128)
     reference = UniMedIImageProcessor(longest_edge=160, crop_size=128)(path)["pixel_values"]
     assert torch.equal(small["pixel_values"], reference)

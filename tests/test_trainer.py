@@ -1,10 +1,11 @@
 """UniMedIForPreTraining under transformers' Trainer: TrainerCollator takes Trainer's list of dataset rows and
 EMATeacherCallback moves the EMA teacher (Trainer alone never does)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from tiny_configs import TINY_TEXT, TINY_VISION
 from transformers import Trainer, TrainingArguments
 
@@ -52,7 +53,7 @@ def rows(xray_jpeg_paths):
         for i in range(2)
     ]
     for record in xrays:  # stored records hold the encoded image, as the shards do
-        record["image"] = {"bytes": open(record["image"], "rb").read(), "path": None}
+        record["image"] = {"bytes": Path(record["image"]).read_bytes(), "path": None}
     return [xrays[0], cts[0], xrays[1], cts[1]]
 
 

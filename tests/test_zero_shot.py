@@ -406,7 +406,9 @@ def test_zero_shot_example_end_to_end(model_folder, model, processor, examples, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM" not in result.stdout
 
-    rows = re.findall(r"^(\S+)\s+label=(\w+)\s+P\(normal\)=([\d.]+)\s+P\(pneumonia\)=([\d.]+)$", result.stdout, re.M)
+    rows = re.findall(
+        r"^(\S+)\s+label=(\w+)\s+P\(normal\)=([\d.]+)\s+P\(pneumonia\)=([\d.]+)$", result.stdout, re.MULTILINE
+    )
     assert [name for name, *_ in rows] == [path.name for path in xray_jpeg_paths]
     assert [label for _, label, *_ in rows] == ["normal"] * 8 + ["pneumonia"] * 8  # NORMAL2-* then person*_bacteria_*
     printed = torch.tensor([[float(p_normal), float(p_pneumonia)] for *_, p_normal, p_pneumonia in rows])

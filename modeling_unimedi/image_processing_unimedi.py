@@ -31,6 +31,8 @@ class UniMedIImageProcessorKwargs(TypedDict, total=False):
     image_mean: float | list[float]
     image_std: float | list[float]
     apply_voi_lut: bool
+    do_resize: bool
+    do_normalize: bool
 
 
 class UniMedIImageProcessor(BaseImageProcessor):
@@ -45,6 +47,13 @@ class UniMedIImageProcessor(BaseImageProcessor):
         image_mean, image_std (`float` or per-channel list, defaults 0.5 and 0.5): output = (x - mean) / std, x in
             [0, 1].
         apply_voi_lut (`bool`, defaults to True): apply a DICOM's VOI LUT or window (after its modality LUT / rescale).
+        do_resize (`bool`, defaults to True): resize the longer side to ``longest_edge``; when False the image keeps its
+            pixel size and is centre-padded (or centre-cropped) to the ``longest_edge`` square.
+        do_normalize (`bool`, defaults to True): apply ``image_mean``/``image_std``; when False the output is in [0, 1].
+
+    Every setting can also be given for one call (``processor(images, crop_size=256, do_normalize=False)``), with
+    transformers' names ``size`` ({"longest_edge": n} or n), ``crop_size`` ({"height": n, "width": n} or n) and
+    ``do_center_crop`` (False keeps the whole ``longest_edge`` square).
     """
 
     model_input_names = ["pixel_values"]
@@ -58,6 +67,8 @@ class UniMedIImageProcessor(BaseImageProcessor):
         image_mean: float | list[float] = 0.5,
         image_std: float | list[float] = 0.5,
         apply_voi_lut: bool = True,
+        do_resize: bool = True,
+        do_normalize: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -78,29 +89,81 @@ class UniMedIImageProcessor(BaseImageProcessor):
         if any(std <= 0 for std in self.image_std):
             raise ValueError(f"image_std must be positive, got {image_std}")
         self.apply_voi_lut = checked_bool("apply_voi_lut", apply_voi_lut)
+        self.do_resize = checked_bool("do_resize", do_resize)
+        self.do_normalize = checked_bool("do_normalize", do_normalize)
 
-    def preprocess(self, images, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
-        """``images``: one image or a list (paths, PIL images, arrays; see ``load_xray``), or a 4-D batch array."""
+    def preprocess(
+        self, images, return_tensors: str | None = "pt", training: bool = False, **settings
+    ) -> BatchFeature:
+        """``images``: one image or a list (paths, PIL images, arrays; see ``load_xray``), or a 4-D batch array.
+        ``settings``: this call's overrides of the processor's settings (see the class docstring)."""
+        if settings:
+            return processor_with_settings(self, _transformers_names(settings, self.longest_edge)).preprocess(
+                images, return_tensors=return_tensors, training=training
+            )
         crops = [self._square_crop(load_xray(image, self.apply_voi_lut), training) for image in _as_list(images)]
         if not crops:
             raise ValueError("no images given")
         batch = torch.stack(crops).expand(-1, self.num_channels, -1, -1)
-        mean = torch.tensor(self.image_mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std).view(1, -1, 1, 1)
-        return BatchFeature({"pixel_values": (batch - mean) / std}, tensor_type=return_tensors)
+        if self.do_normalize:
+            batch = (batch - torch.tensor(self.image_mean).view(1, -1, 1, 1)) / torch.tensor(self.image_std).view(
+                1, -1, 1, 1
+            )
+        return BatchFeature({"pixel_values": batch}, tensor_type=return_tensors)
 
     def _square_crop(self, gray: np.ndarray, training: bool) -> torch.Tensor:
         """(1, crop, crop) from (H, W): longer side -> longest_edge, centred zero pad to a square, then crop."""
         height, width = gray.shape
-        scale = self.longest_edge / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
         image = torch.from_numpy(np.ascontiguousarray(gray))[None, None]
-        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+        size = (height, width)
+        if self.do_resize:
+            scale = self.longest_edge / max(height, width)
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+        # negative padding crops: without resizing, a larger image is centre-cropped to the square
         pad_h, pad_w = self.longest_edge - size[0], self.longest_edge - size[1]
         image = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         slack = self.longest_edge - self.crop_size
         top, left = torch.randint(0, slack + 1, (2,)).tolist() if training else (slack // 2, slack // 2)
         return image[0, :, top : top + self.crop_size, left : left + self.crop_size].clamp(0.0, 1.0)
+
+
+def processor_with_settings(processor: BaseImageProcessor, settings: dict) -> BaseImageProcessor:
+    """A copy of a UniMedI image/volume processor with ``settings`` changed, validated by its ``__init__``; a setting
+    it does not have is a ValueError naming it (a silently ignored setting would be a wrong answer)."""
+    known = set(processor.valid_kwargs.__annotations__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"{type(processor).__name__} has no setting {', '.join(map(repr, unknown))}; its settings are "
+            f"{sorted(known)}"
+        )
+    current = {name: getattr(processor, name) for name in known}
+    return type(processor)(**{**current, **settings})
+
+
+def _transformers_names(settings: dict, longest_edge: int) -> dict:
+    """Per-call settings with transformers' names (``size``, ``crop_size`` dicts, ``do_center_crop``) as ours."""
+    settings = dict(settings)
+    if "size" in settings:
+        settings["longest_edge"] = _square_side("size", settings.pop("size"), "longest_edge")
+    if "crop_size" in settings:
+        settings["crop_size"] = _square_side("crop_size", settings["crop_size"], None)
+    if "do_center_crop" in settings and not checked_bool("do_center_crop", settings.pop("do_center_crop")):
+        settings["crop_size"] = settings.get("longest_edge", longest_edge)
+    return settings
+
+
+def _square_side(name: str, value, key: str | None):
+    """n from n, {key: n}, or {"height": n, "width": n}: the processor makes square outputs only."""
+    if isinstance(value, dict):
+        if key is not None and set(value) == {key}:
+            return value[key]
+        if set(value) == {"height", "width"} and value["height"] == value["width"]:
+            return value["height"]
+        accepted = f'{{"{key}": n}} or ' if key else ""
+        raise ValueError(f'`{name}` must be n, {accepted}{{"height": n, "width": n}} (square), got {value!r}')
+    return value
 
 
 def _per_channel(value: float | list[float], num_channels: int, name: str) -> list[float]:

@@ -5,8 +5,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def check_one_report_per_sample(num_samples: int, num_texts: int) -> None:
+    """The CLIP loss pairs sample i with report i; scoring alone (no loss) takes any numbers of each."""
+    if num_samples != num_texts:
+        raise ValueError(
+            f"the CLIP loss needs one report per sample (sample i is paired with report i), got {num_samples} "
+            f"X-ray(s)/volume(s) and {num_texts} report(s); pass one report per sample, the X-rays' reports first, "
+            "then the volumes', or drop `return_loss` to score every sample against every text"
+        )
+
+
 def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy for a square (n_images, n_texts) logit matrix."""
+    check_one_report_per_sample(*logits_per_image.shape)
     targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
 
@@ -27,6 +38,7 @@ def gathered_contrastive_loss(
     every rank must hold the same number of samples; `logit_scale` is the exponentiated inverse temperature (as
     open_clip's `ClipLoss` takes it). Without an initialised process group this is the plain loss.
     """
+    check_one_report_per_sample(image_embeds.shape[0], text_embeds.shape[0])
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
     all_images = _gather_with_grad(image_embeds)

@@ -1,13 +1,17 @@
 """UniMedI models: one ViT backbone shared by 2D (X-ray) and 3D (CT) tokenizers, a BERT-family report encoder, and
 projections into one common space trained with a CLIP loss (paper §3.1, §3.3)."""
 
+import copy
 import inspect
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
@@ -22,6 +26,26 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
 from .loss_unimedi import contrastive_loss
+
+# Auto* factories a full UniMedI checkpoint serves as Hub remote code (`save_pretrained` writes them to `auto_map`).
+REMOTE_AUTO_MAP = {
+    "AutoModel": "modeling_unimedi.UniMedIModel",
+    "AutoModelForZeroShotImageClassification": "modeling_unimedi.UniMedIModel",
+    "AutoModelForPreTraining": "pretraining_unimedi.UniMedIForPreTraining",
+}
+# The CT pipelines (transformers has no CT task), as `pipeline(task, model=..., trust_remote_code=True)` finds them.
+CUSTOM_PIPELINES = {
+    "zero-shot-volume-classification": {
+        "impl": "pipelines_unimedi.ZeroShotVolumeClassificationPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    },
+    "volume-feature-extraction": {
+        "impl": "pipelines_unimedi.VolumeFeatureExtractionPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    },
+}
 
 
 @dataclass
@@ -298,10 +322,57 @@ class UniMedIPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
         elif isinstance(module, UniMedIVisionModel):
             init.trunc_normal_(module.cls_token, std=module.config.initializer_range)
-        elif isinstance(module, UniMedIModel):
-            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
-            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5)
-            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        elif isinstance(module, (UniMedIModel, UniMedIVisionModelWithProjection, UniMedITextModelWithProjection)):
+            for projection in (getattr(module, "visual_projection", None), getattr(module, "text_projection", None)):
+                if projection is not None:
+                    init.normal_(projection.weight, std=projection.in_features**-0.5)
+            if isinstance(module, UniMedIModel):
+                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; when exporting remote code (a class marked by
+        `register_for_auto_class`, as importing `modeling_unimedi` does), the folder gets all of UniMedI's classes,
+        not only the saved one: `auto_map` names every Auto* factory UniMedI serves (a class is marked for one),
+        `custom_pipelines` names the CT pipelines, and every flat module file is copied (transformers copies only
+        the saved class's imports), so the processor, zero-shot helpers, pipelines and pretraining load from it."""
+        export = self._auto_class is not None and isinstance(self.config, UniMedIConfig)
+        if export:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_AUTO_MAP}
+            self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # pipeline() rewrites what it reads
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if export:
+            for source in Path(__file__).parent.glob("*_unimedi.py"):
+                shutil.copyfile(source, Path(save_directory) / source.name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a checkpoint that does not fit raises instead of leaving random
+        weights, and an unreadable safetensors file raises an error naming it.
+
+        "Does not fit": some of this model's weights are missing from the checkpoint while some of the checkpoint's
+        fit nowhere in it (another layout), or none of this model's weights are in it. Weights that are only missing
+        (a new parameter, e.g. a teacher to copy from the student) are initialised as usual; weights of other parts
+        (the text tower when loading the vision tower) are ignored, as in CLIP.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: cannot read its safetensors weights ({error}); the file is truncated "
+                "or damaged: download or save it again"
+            ) from error
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if (missing and unexpected) or (missing and len(missing) == len(model.state_dict())):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its weights do not fit {cls.__name__}: {len(missing)} of the model's "
+                f"weights are not in the checkpoint (e.g. {missing[:3]}) and {len(unexpected)} of the checkpoint's fit "
+                f"nowhere (e.g. {unexpected[:3]}); loading it would leave random weights. Load it with the class it "
+                f"was saved from ({getattr(model.config, 'architectures', None)}) or one of its parts' classes"
+            )
+        return (model, info) if want_info else model
 
 
 class UniMedIVisionModel(UniMedIPreTrainedModel):
@@ -312,6 +383,8 @@ class UniMedIVisionModel(UniMedIPreTrainedModel):
     """
 
     config: UniMedIVisionConfig
+    # the full model's attribute: `from_pretrained` on a full UniMedIModel checkpoint loads its `vision_model.*`
+    base_model_prefix = "vision_model"
     main_input_name = "pixel_values"
     input_modalities = ("image", "video")
 
@@ -420,6 +493,26 @@ def text_encoder_kwargs(text_config) -> dict:
     )
 
 
+def encode_text(
+    text_model: nn.Module,
+    text_projection: nn.Linear,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """The report tower: the text encoder, its [CLS] hidden state projected into the common space as `pooler_output`."""
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    outputs = text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=text_projection(outputs.last_hidden_state[:, 0]),
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
 class UniMedIModel(UniMedIPreTrainedModel):
     """Vision encoder + report encoder + projections into the common space; `forward` takes a mixed 2D/3D batch."""
 
@@ -462,15 +555,7 @@ class UniMedIModel(UniMedIPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""Report embeddings: `pooler_output` is the projected [CLS] hidden state, shape (batch, projection_dim)."""
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=outputs.last_hidden_state,
-            pooler_output=self.text_projection(outputs.last_hidden_state[:, 0]),
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return encode_text(self.text_model, self.text_projection, input_ids, attention_mask, token_type_ids, **kwargs)
 
     def embed_batch(
         self,
@@ -483,20 +568,13 @@ class UniMedIModel(UniMedIPreTrainedModel):
     ) -> UniMedICommonSpace:
         r"""The common-space tail of both UniMedI forwards (this model's and [`UniMedIForPreTraining`]'s).
 
-        Checks that there is one report per sample (the X-rays' first), projects the vision [CLS] states
-        `image_states` (num_images, hidden_size) and `volume_states` (num_volumes, hidden_size) and the reports into
-        the common space, normalises them and scores every sample against every report.
+        Projects the vision [CLS] states `image_states` (num_images, hidden_size) and `volume_states`
+        (num_volumes, hidden_size) and the texts into the common space, normalises them and scores every sample
+        (X-rays first) against every text. Any numbers of samples and texts; only the losses need one report per sample.
         """
         states = [s for s in (image_states, volume_states) if s is not None]
         if not states:
             raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
-        num_images = 0 if image_states is None else image_states.shape[0]
-        num_volumes = 0 if volume_states is None else volume_states.shape[0]
-        if input_ids.shape[0] != num_images + num_volumes:
-            raise ValueError(
-                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
-                "report per sample, the X-rays' reports first, then the volumes'"
-            )
         text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
         vision_embeds = F.normalize(self.visual_projection(torch.cat(states)), dim=-1)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
@@ -521,12 +599,15 @@ class UniMedIModel(UniMedIPreTrainedModel):
         **kwargs,
     ) -> UniMedIOutput:
         r"""
-        A mixed batch: `pixel_values` (num_images, C, H, W) X-rays and/or `volume_values` (num_volumes, 1, D, H, W)
-        CTs, and one report per sample in `input_ids`, the X-rays' reports first, then the volumes'.
-        return_loss (`bool`, *optional*): also return the symmetric CLIP loss L_vl over all samples.
+        As CLIP: `pixel_values` (num_images, C, H, W) X-rays and/or `volume_values` (num_volumes, 1, D, H, W) CTs are
+        scored against every text of `input_ids`, any number of each: `logits_per_image` is
+        (num_images + num_volumes, num_texts), X-rays first (`logits_per_image.softmax(dim=1)` gives zero-shot
+        probabilities).
+        return_loss (`bool`, *optional*): also return the symmetric CLIP loss L_vl, which pairs sample i with text i:
+            it needs one report per sample, the X-rays' reports first, then the volumes'.
         """
         if input_ids is None:
-            raise ValueError("`input_ids` (one report per X-ray/volume) are required")
+            raise ValueError("`input_ids` (the texts to score the X-rays/volumes against) are required")
         image_outputs = volume_outputs = None
         if pixel_values is not None:
             image_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -554,4 +635,104 @@ class UniMedIModel(UniMedIPreTrainedModel):
         )
 
 
-__all__ = ["UniMedIPreTrainedModel", "UniMedIVisionModel", "UniMedIModel"]
+@dataclass
+class UniMedIVisionModelWithProjectionOutput(ModelOutput):
+    r"""
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        The projected [CLS] state of the X-rays or CT volumes (not normalised), as `UniMedIModel.get_*_features`.
+    last_hidden_state, hidden_states, attentions: the vision tower's outputs.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class UniMedITextModelWithProjectionOutput(ModelOutput):
+    r"""
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the projected [CLS] (not normalised).
+    last_hidden_state, hidden_states, attentions: the text encoder's outputs.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class UniMedIVisionModelWithProjection(UniMedIPreTrainedModel):
+    """The vision tower and its projection, alone (as `CLIPVisionModelWithProjection`): loads its part of a full
+    `UniMedIModel` checkpoint, for embedding X-rays and CTs without the report encoder."""
+
+    config: UniMedIConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "video")
+
+    def __init__(self, config: UniMedIConfig):
+        super().__init__(config)
+        self.vision_model = UniMedIVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None, **kwargs
+    ) -> UniMedIVisionModelWithProjectionOutput:
+        r"""`pixel_values` (X-rays), `volume_values` (CTs), or a CT with its 2D images, as [`UniMedIVisionModel`]."""
+        outputs = self.vision_model(pixel_values=pixel_values, volume_values=volume_values, return_dict=True, **kwargs)
+        return UniMedIVisionModelWithProjectionOutput(
+            image_embeds=self.visual_projection(outputs.pooler_output),
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class UniMedITextModelWithProjection(UniMedIPreTrainedModel):
+    """The report encoder and its projection, alone (as `CLIPTextModelWithProjection`): loads its part of a full
+    `UniMedIModel` checkpoint, for embedding texts and prompts without the vision tower."""
+
+    config: UniMedIConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+
+    def __init__(self, config: UniMedIConfig):
+        super().__init__(config)
+        self.text_model = AutoModel.from_config(config.text_config, **text_encoder_kwargs(config.text_config))
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> UniMedITextModelWithProjectionOutput:
+        outputs = encode_text(
+            self.text_model, self.text_projection, input_ids, attention_mask, token_type_ids, **kwargs
+        )
+        return UniMedITextModelWithProjectionOutput(
+            text_embeds=outputs.pooler_output,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "UniMedIModel",
+    "UniMedIPreTrainedModel",
+    "UniMedITextModelWithProjection",
+    "UniMedIVisionModel",
+    "UniMedIVisionModelWithProjection",
+]

@@ -15,6 +15,7 @@ Steps 1-2 are ``resample_to_grid`` (float32 HU, what dataset preparation stores 
 along ``flip_axes`` when ``training=True``, is ``window_grid``, which the training collator calls on stored volumes.
 """
 
+import json
 import math
 from typing import TypedDict
 
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.utils import PROCESSOR_NAME, cached_file
 
+from .image_processing_unimedi import processor_with_settings
 from .loading_unimedi import (
     CANONICAL_ORIENTATION,
     MAX_VOXELS,
@@ -156,24 +159,53 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             return tuple(float(s * n / g) for s, n, g in zip(spacing, shape, self.volume_size))
         return tuple(float(s) for s in (self.target_spacing or spacing))
 
-    def preprocess(self, volumes, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
-        """``volumes``: one item or a list of items; see ``__call__``."""
+    @classmethod
+    def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The CT settings of a standalone save (``preprocessor_config.json``) or of a processor / model folder, where
+        ``preprocessor_config.json`` holds the X-ray processor's and the CT settings are ``processor_config.json``'s
+        "volume_processor"."""
+        settings, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        if settings.get("image_processor_type") == cls.__name__:
+            return settings, kwargs
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "subfolder") if k in kwargs}
+        processor_file = cached_file(
+            pretrained_model_name_or_path, PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if processor_file is not None:
+            with open(processor_file, encoding="utf-8") as handle:
+                volume_settings = json.load(handle).get("volume_processor")
+            if isinstance(volume_settings, dict):
+                return volume_settings, kwargs
+        raise ValueError(
+            f"{pretrained_model_name_or_path}: holds no {cls.__name__} settings (its preprocessor_config.json is a "
+            f"{settings.get('image_processor_type')!r} and no {PROCESSOR_NAME} has a 'volume_processor' entry)"
+        )
+
+    def preprocess(
+        self, volumes, return_tensors: str | None = "pt", training: bool = False, **settings
+    ) -> BatchFeature:
+        """``volumes``: one item or a list of items; see ``__call__``. ``settings``: this call's setting overrides."""
+        if settings:
+            return processor_with_settings(self, settings).preprocess(
+                volumes, return_tensors=return_tensors, training=training
+            )
         if isinstance(volumes, (np.ndarray, torch.Tensor)):
             return self.window_grid(volumes, return_tensors=return_tensors, training=training)
         items = list(volumes) if isinstance(volumes, (list, tuple)) else [volumes]
         grids = [item if isinstance(item, (np.ndarray, torch.Tensor)) else self._load_to_grid(item) for item in items]
         return self.window_grid(grids, return_tensors=return_tensors, training=training)
 
-    def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
+    def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False, **settings) -> BatchFeature:
         """CT volumes -> {"volume_values": (B, 1, D, H, W)}.
 
         ``volumes``: one item or a list; an item is anything ``load_ct`` reads from a path or nibabel image, or a
         ``CTVolume``; these are resampled to the grid. A numpy array or tensor carries no spacing, so it is taken as HU
         already on the grid and only windowed (``window_grid``): a (D, H, W) item, or a whole (B, D, H, W) or
         (B, 1, D, H, W) batch. Read any other array with ``load_ct(array, spacing=...)``. ``training=True`` enables the
-        random flips; it is off by default.
+        random flips; it is off by default. ``settings`` override the processor's settings for this call
+        (``volume_size=(16, 96, 96)``, ``hu_window=(-160, 240)``, ...).
         """
-        return self.preprocess(volumes, return_tensors=return_tensors, training=training)
+        return self.preprocess(volumes, return_tensors=return_tensors, training=training, **settings)
 
     def window_grid(self, grids, return_tensors: str | None = "pt", training: bool = False) -> BatchFeature:
         """Step 3 (and the training flips) only, for HU already on the grid: what the training collator calls on stored

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_configs import TINY_VISION, minilm_path, tiny_config
 
+import modeling_unimedi
 from modeling_unimedi import UniMedIConfig, UniMedIModel
 from modeling_unimedi.convert_unimedi import inflate_patch_kernel, unimedi_from_pretrained_parts
 
@@ -25,6 +27,20 @@ def run_python(code: str, cwd, **env) -> str:
     return done.stdout
 
 
+def place_in_hub_cache(folder, hub, repo_id: str) -> None:
+    """Copy a saved folder into a Hub cache layout (`hub/models--org--name/snapshots/<commit>`, refs/main), as
+    `from_pretrained(repo_id)` finds a downloaded repository with HF_HUB_CACHE=hub and HF_HUB_OFFLINE=1."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.is_file():
+            (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
 def test_auto_classes_resolve_unimedi(tmp_path):
     from transformers import AutoConfig, AutoModel
 
@@ -35,10 +51,12 @@ def test_auto_classes_resolve_unimedi(tmp_path):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_unimedi.UniMedIConfig",
         "AutoModel": "modeling_unimedi.UniMedIModel",
+        "AutoModelForZeroShotImageClassification": "modeling_unimedi.UniMedIModel",
+        "AutoModelForPreTraining": "pretraining_unimedi.UniMedIForPreTraining",
     }
-    assert {"configuration_unimedi.py", "modeling_unimedi.py", "loss_unimedi.py"} <= {
-        p.name for p in tmp_path.glob("*.py")
-    }
+    assert set(config["custom_pipelines"]) == {"zero-shot-volume-classification", "volume-feature-extraction"}
+    package = Path(modeling_unimedi.__file__).parent
+    assert {p.name for p in package.glob("*_unimedi.py")} <= {p.name for p in tmp_path.glob("*.py")}
     assert isinstance(AutoConfig.from_pretrained(tmp_path), UniMedIConfig)
     assert isinstance(AutoModel.from_pretrained(tmp_path), UniMedIModel)
 
@@ -132,14 +150,7 @@ def test_pretraining_model_remote_code_loads_without_the_package(tmp_path):
 def test_from_pretrained_hub_id_through_offline_cache(tmp_path):
     """`from_pretrained("org/unimedi-vitb16")` resolves from a Hub cache layout with HF_HUB_OFFLINE=1."""
     folder = _save_with_reference(tmp_path)
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--org--unimedi-vitb16"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in folder.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    place_in_hub_cache(folder, tmp_path / "hub", "org/unimedi-vitb16")
     out = run_python(
         f"""
         import torch

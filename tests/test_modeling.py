@@ -1,11 +1,20 @@
 """UniMedIConfig / UniMedIVisionModel / UniMedIModel on tiny configs (and one full-size forward)."""
 
+import re
+
 import pytest
 import torch
 from huggingface_hub.dataclasses import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from tiny_configs import TINY_VISION, tiny_config
 
-from modeling_unimedi import UniMedIConfig, UniMedIModel, UniMedIVisionConfig, UniMedIVisionModel
+from modeling_unimedi import (
+    UniMedIConfig,
+    UniMedIModel,
+    UniMedITextModelWithProjection,
+    UniMedIVisionConfig,
+    UniMedIVisionModel,
+    UniMedIVisionModelWithProjection,
+)
 from modeling_unimedi.modeling_unimedi import interpolate_position_embedding
 
 
@@ -220,13 +229,31 @@ def test_clear_input_errors(model):
         model.get_image_features(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model.get_volume_features(torch.rand(1, 1, 10, 32, 32))
-    inputs = batch(2, 2)
-    inputs["input_ids"] = inputs["input_ids"][:3]
-    inputs["attention_mask"] = inputs["attention_mask"][:3]
-    with pytest.raises(ValueError, match="2 X-ray\\(s\\) and 2 volume\\(s\\) but 3 report"):
-        model(**inputs)
     with pytest.raises(ValueError, match="one volume per sample"):
         model.vision_model(volume_values=torch.rand(2, 1, 8, 32, 32), pixel_values=torch.rand(3, 1, 3, 32, 32))
+
+
+def test_scores_any_numbers_of_samples_and_texts_as_clip(model):
+    """Without `return_loss`, 2 X-rays + 2 CTs against 3 texts: a (4, 3) score matrix equal to the embeddings'."""
+    inputs = batch(2, 2)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:3], inputs["attention_mask"][:3]
+    with torch.no_grad():
+        output = model(**inputs)
+        images = model.get_image_features(inputs["pixel_values"]).pooler_output
+        volumes = model.get_volume_features(inputs["volume_values"]).pooler_output
+        texts = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+    vision = torch.nn.functional.normalize(torch.cat([images, volumes]), dim=-1)
+    expected = model.logit_scale.exp() * vision @ torch.nn.functional.normalize(texts, dim=-1).t()
+    assert output.logits_per_image.shape == (4, 3) and output.logits_per_text.shape == (3, 4)
+    assert torch.allclose(output.logits_per_image, expected, atol=1e-5)
+    assert torch.allclose(output.logits_per_image.softmax(dim=1).sum(dim=1), torch.ones(4))
+
+
+def test_loss_needs_one_report_per_sample(model):
+    inputs = batch(2, 2)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:3], inputs["attention_mask"][:3]
+    with pytest.raises(ValueError, match=r"one report per sample .* got 4 X-ray\(s\)/volume\(s\) and 3 report"):
+        model(**inputs, return_loss=True)
 
 
 # ---------------------------------------------------------------- weights
@@ -255,6 +282,56 @@ def test_missing_custom_parameter_is_initialised_on_load(tmp_path):
     loaded = UniMedIModel.from_pretrained(tmp_path)
     assert 0.01 < loaded.vision_model.cls_token.std().item() < 0.03
     assert loaded.logit_scale.item() == pytest.approx(loaded.config.logit_scale_init_value)
+
+
+def test_towers_load_their_part_of_a_full_checkpoint(model, tmp_path):
+    """As CLIPVisionModelWithProjection / CLIPTextModelWithProjection: same embeddings as the full model's."""
+    model.save_pretrained(tmp_path)
+    inputs = batch(2, 1)
+    vision = UniMedIVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    text = UniMedITextModelWithProjection.from_pretrained(tmp_path).eval()
+    encoder = UniMedIVisionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(
+            vision(pixel_values=inputs["pixel_values"]).image_embeds,
+            model.get_image_features(inputs["pixel_values"]).pooler_output,
+            atol=1e-6,
+        )
+        assert torch.allclose(
+            vision(volume_values=inputs["volume_values"]).image_embeds,
+            model.get_volume_features(inputs["volume_values"]).pooler_output,
+            atol=1e-6,
+        )
+        assert torch.allclose(
+            text(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds,
+            model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
+            atol=1e-6,
+        )
+        assert torch.allclose(
+            encoder(pixel_values=inputs["pixel_values"]).pooler_output,
+            model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output,
+            atol=1e-6,
+        )
+
+
+def test_checkpoint_that_does_not_fit_raises(model, tmp_path):
+    UniMedITextModelWithProjection(model.config).save_pretrained(tmp_path / "text")
+    with pytest.raises(ValueError, match=r"its weights do not fit UniMedIVisionModelWithProjection: \d+ of the model"):
+        UniMedIVisionModelWithProjection.from_pretrained(tmp_path / "text")
+    with pytest.raises(ValueError, match="do not fit UniMedIVisionModel: 33 of the model's weights"):
+        UniMedIVisionModel.from_pretrained(tmp_path / "text")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_safetensors_raise_naming_the_folder(model, tmp_path, damage):
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(
+        OSError, match=f"{re.escape(str(tmp_path))}: cannot read its safetensors weights .*truncated or damaged"
+    ):
+        UniMedIModel.from_pretrained(tmp_path)
 
 
 def test_save_and_load_gives_identical_outputs(model, tmp_path):

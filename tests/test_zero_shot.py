@@ -406,7 +406,9 @@ def test_zero_shot_example_end_to_end(model_folder, model, processor, examples, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM" not in result.stdout
 
-    rows = re.findall(r"^(\S+)\s+label=(\w+)\s+P\(normal\)=([\d.]+)\s+P\(pneumonia\)=([\d.]+)$", result.stdout, re.M)
+    rows = re.findall(
+        r"^(\S+)\s+label=(\w+)\s+P\(normal\)=([\d.]+)\s+P\(pneumonia\)=([\d.]+)$", result.stdout, re.MULTILINE
+    )
     assert [name for name, *_ in rows] == [path.name for path in xray_jpeg_paths]
     assert [label for _, label, *_ in rows] == ["normal"] * 8 + ["pneumonia"] * 8  # NORMAL2-* then person*_bacteria_*
     printed = torch.tensor([[float(p_normal), float(p_pneumonia)] for *_, p_normal, p_pneumonia in rows])
@@ -478,3 +480,21 @@ def test_example_model_folder_without_processor(examples, model, tmp_path, text_
         embed.load_model_and_processor(mismatched)
     with pytest.raises(FileNotFoundError, match="absent: no such model folder"):
         embed.load_model_and_processor(tmp_path / "absent")
+
+
+def test_standard_clip_zero_shot_call(text_tokenizer, xray_jpeg_paths):
+    """The call CLIP's documentation shows: one X-ray against two prompts, probabilities from `logits_per_image`."""
+    torch.manual_seed(0)
+    model = UniMedIModel(tiny_config(text_config=dict(TINY_TEXT, vocab_size=text_tokenizer.vocab_size))).eval()
+    size = TINY_VISION["image_size"]
+    processor = UniMedIProcessor(
+        UniMedIImageProcessor(longest_edge=size, crop_size=size), text_tokenizer, max_length=TINY_MAX_LENGTH
+    )
+    labels = ["pleural effusion", "no effusion"]
+    inputs = processor(text=labels, images=[xray_jpeg_paths[0]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    probs = outputs.logits_per_image.softmax(dim=1)
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(dim=1), torch.ones(1))
+    classified, _ = UniMedIZeroShot(model, processor).classify(images=[xray_jpeg_paths[0]], class_prompts=labels)
+    assert torch.allclose(probs, classified, atol=1e-5)

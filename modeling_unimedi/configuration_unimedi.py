@@ -168,6 +168,11 @@ class UniMedIConfig(PreTrainedConfig):
         num_selected_slices (`int`, *optional*, defaults to 2):
             k, how many depth slabs of each CT become pseudo-2D images (§3.2): 2 of 8 slabs (25%), close to the top
             20% the authors used in their slice-selection check. 0 turns the pseudo-pairs off.
+        pseudo_image_source (`str`, *optional*, defaults to `"grid"`):
+            Where a selected slab's pseudo-2D image comes from. `"native"`: the slab's central slice of the
+            original-resolution CT at the 2D input size (the batch's `slab_images`, stored by data preparation;
+            §3.2 treats selected slices as 2D images). `"grid"`: the slab's central slice of the 32x128x128 model
+            grid, upsampled (for data without native slices; the default until every data pipeline stores them).
         slice_selection (`str`, *optional*, defaults to `"attentive"`):
             `"attentive"` (Eq. 1-2 on the teacher's [CLS] attention) or `"random"` (Table 7's VL and VL+SD rows).
         self_distillation (`bool`, *optional*, defaults to `True`):
@@ -256,6 +261,7 @@ class UniMedIConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
 
     num_selected_slices: int = 2
+    pseudo_image_source: Literal["native", "grid"] = "grid"
     slice_selection: Literal["attentive", "random"] = "attentive"
     self_distillation: bool = True
     token_masking: Literal["attentive", "random", "none"] = "attentive"

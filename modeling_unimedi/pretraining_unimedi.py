@@ -353,16 +353,38 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         hidden_states = vision.post_layernorm(vision.encoder(hidden_states)[0])
         return UniMedIVisionModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
+    def selected_slab_slices(
+        self, volume_values: torch.Tensor, slabs: torch.LongTensor, slab_images: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, k, C, H, W) slices of the selected slabs: their native images (`pseudo_image_source="native"`) or the
+        central slices of the model grid (`"grid"`, for data without native slices)."""
+        patch_depth = self.config.vision_config.volume_patch_size[0]
+        if self.config.pseudo_image_source == "grid":
+            return slab_central_slices(volume_values, slabs, patch_depth)
+        num_slabs = volume_values.shape[2] // patch_depth
+        if slab_images is None:
+            raise ValueError(
+                "pseudo_image_source='native' needs `slab_images` (the data's native slab images); set "
+                "pseudo_image_source='grid' for data without native slices"
+            )
+        if slab_images.ndim != 5 or slab_images.shape[:2] != (volume_values.shape[0], num_slabs):
+            raise ValueError(
+                f"`slab_images` must be (num_volumes={volume_values.shape[0]}, num_slabs={num_slabs}, C, H, W), got "
+                f"shape {tuple(slab_images.shape)}"
+            )
+        index = slabs[:, :, None, None, None].expand(-1, -1, *slab_images.shape[2:])
+        return slab_images.gather(1, index)
+
     def forward_volumes(
-        self, volume_values: torch.Tensor
+        self, volume_values: torch.Tensor, slab_images: torch.Tensor | None = None
     ) -> tuple[VisionBranch, torch.LongTensor | None, torch.Tensor | None]:
-        """§3.2-3.3: select k depth slabs, turn their central slices into pseudo-2D images, and run the CT with its
+        """§3.2-3.3: select k depth slabs, turn their slices into pseudo-2D images, and run the CT with its
         pseudo-images as one sequence. Returns the branch, the selected slabs and their Eq. 2 scores (or None)."""
         slabs = scores = pseudo_images = None
         if self.config.num_selected_slices > 0:
             slabs, scores = self.select_slabs(volume_values)
             vision_config = self.config.vision_config
-            slices = slab_central_slices(volume_values, slabs, vision_config.volume_patch_size[0])
+            slices = self.selected_slab_slices(volume_values, slabs, slab_images)
             pseudo_images = slices_to_images(slices, vision_config.image_size, vision_config.num_channels)
         return self.forward_branch(pixel_values=pseudo_images, volume_values=volume_values), slabs, scores
 
@@ -443,12 +465,15 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         volume_values: torch.Tensor | None = None,
+        slab_images: torch.Tensor | None = None,
         teacher_temperature: float | None = None,
         **kwargs,
     ) -> UniMedIForPreTrainingOutput:
         r"""
         pixel_values (`(num_images, C, H, W)`): X-rays. volume_values (`(num_volumes, 1, D, H, W)`): CTs.
         input_ids / attention_mask / token_type_ids: one report per sample, the X-rays' reports first.
+        slab_images (`(num_volumes, num_depth_slabs, 1, H, W)`, *optional*): each CT's native slab images (the
+            collator's, from stored shards); the pseudo-2D images with `pseudo_image_source="native"`.
         teacher_temperature (`float`, *optional*): this step's DINO teacher temperature (the training loop's
             warm-up schedule); defaults to `config.teacher_temperature`.
         """
@@ -456,7 +481,7 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
             self.unimedi.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
         image_branch = None if pixel_values is None else self.forward_branch(pixel_values=pixel_values)
         volume_branch, slabs, scores = (
-            (None, None, None) if volume_values is None else self.forward_volumes(volume_values)
+            (None, None, None) if volume_values is None else self.forward_volumes(volume_values, slab_images)
         )
         branches = [b for b in (image_branch, volume_branch) if b is not None]
         space = self.unimedi.embed_batch(

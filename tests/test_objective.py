@@ -185,3 +185,59 @@ def test_stabilisers_are_on_by_default():
     config = UniMedIConfig()
     assert config.teacher_temperature_warmup_steps > 0 and config.prototype_freeze_steps > 0
     assert config.max_logit_scale == 100.0
+
+
+# ---------------------------------------------------------------- slices are slices
+
+
+def test_native_slab_image_is_the_central_native_slice_of_the_real_ct(ct_nifti_path):
+    from modeling_unimedi.loading_unimedi import load_ct
+    from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+
+    ct = load_ct(ct_nifti_path)
+    depth = ct.hu.shape[0]
+    images = UniMedIVolumeProcessor().native_slab_images(ct, num_slabs=8, image_size=224)
+    assert images.shape == (8, 224, 224)
+    for slab in (0, 3, 7):
+        central = int((slab + 0.5) * depth / 8)
+        assert slab * depth / 8 <= central < (slab + 1) * depth / 8  # inside the slab's native range
+        native = torch.from_numpy(ct.hu[central].astype("float32"))[None, None]
+        expected = torch.nn.functional.adaptive_avg_pool2d(native, 224)[0, 0]  # 512 -> 224, every pixel counts
+        assert torch.allclose(torch.from_numpy(images[slab]), expected, atol=1e-2)
+
+
+def test_pretraining_feeds_the_selected_slabs_native_images(ct_nifti_path, monkeypatch):
+    from modeling_unimedi.loading_unimedi import load_ct
+    from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+
+    processor = UniMedIVolumeProcessor(volume_size=(16, 32, 32))
+    ct = load_ct(ct_nifti_path)
+    native = processor.native_slab_images(ct, num_slabs=4, image_size=224)
+    batch = processor.window_with_slab_images([processor.resample_to_grid(ct)] * 2, [native] * 2)
+    model = build(pseudo_image_source="native", vision_config=dict(TINY_VISION, volume_size=(16, 32, 32), image_size=224))
+    seen = []
+    forward_branch = model.forward_branch
+    monkeypatch.setattr(model, "forward_branch", lambda **kw: seen.append(kw["pixel_values"]) or forward_branch(**kw))
+    inputs = mixed_batch(0, 2)
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **batch)
+    low, high = processor.hu_window
+    for b in range(2):
+        for j, slab in enumerate(out.selected_slabs[b].tolist()):
+            expected = (torch.from_numpy(native[slab]) - low) / (high - low)
+            assert torch.allclose(seen[0][b, j, 0], expected.clamp(0, 1) * 2 - 1, atol=1e-5)
+    with pytest.raises(ValueError, match="pseudo_image_source='native' needs `slab_images`"):
+        model(**inputs)
+
+
+def test_training_flips_move_a_volume_and_its_slab_images_together():
+    from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+
+    processor = UniMedIVolumeProcessor(volume_size=(4, 8, 8), flip_axes=(0, 2), flip_probability=1.0)
+    grid = torch.arange(4 * 8 * 8, dtype=torch.float32).reshape(4, 8, 8) - 100
+    images = torch.arange(4 * 6 * 6, dtype=torch.float32).reshape(4, 6, 6) * 5 - 300
+    plain = processor.window_with_slab_images([grid], [images.numpy()])
+    flipped = processor.window_with_slab_images([grid], [images.numpy()], training=True)
+    assert torch.equal(flipped["volume_values"], plain["volume_values"].flip([2, 4]))
+    assert torch.equal(flipped["slab_images"], plain["slab_images"].flip([1, 4]))  # slab order and columns
+    with pytest.raises(ValueError, match="slab_images: need one"):
+        processor.window_with_slab_images([grid, grid], [images.numpy()])

@@ -218,8 +218,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         if self.orientation != CANONICAL_ORIENTATION:
             canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
             hu, _ = reorient(hu, ct.spacing, canonical, self.orientation)
-        depth = hu.shape[0]
-        central = [min(depth - 1, int((index + 0.5) * depth / num_slabs)) for index in range(num_slabs)]
+        central = slab_central_indices(hu.shape[0], num_slabs)
         slices = torch.from_numpy(np.ascontiguousarray(hu[central], dtype=np.float32))[None, None]
         return resize_volume(slices, (num_slabs, image_size, image_size))[0, 0].numpy()
 
@@ -259,6 +258,11 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             axes = [axis + 1 for axis in self.flip_axes if torch.rand(()) < self.flip_probability]
             if axes:
                 batch[index] = batch[index].flip(axes)
+
+
+def slab_central_indices(depth: int, num_slabs: int) -> list[int]:
+    """The native slice at the centre of each of ``num_slabs`` equal depth ranges of a ``depth``-slice CT."""
+    return [min(depth - 1, int((index + 0.5) * depth / num_slabs)) for index in range(num_slabs)]
 
 
 def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

@@ -3,6 +3,8 @@ Eq. 1 over the patch keys, DINO/CLIP stabilisers."""
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from test_pretraining import mixed_batch, pretraining_config
@@ -241,3 +243,27 @@ def test_training_flips_move_a_volume_and_its_slab_images_together():
     assert torch.equal(flipped["slab_images"], plain["slab_images"].flip([1, 4]))  # slab order and columns
     with pytest.raises(ValueError, match="slab_images: need one"):
         processor.window_with_slab_images([grid, grid], [images.numpy()])
+
+
+def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
+    """Identity pose and plain look: a stored slab image is exactly the working CT's central slice of that slab; a
+    shifted pose moves it like the grid volume moves."""
+    import dataclasses
+
+    from processing.groundtruth.drr import Pose
+    from processing.groundtruth.generator import CTLook, GroundTruthConfig, GroundTruthGenerator
+    from processing.groundtruth.lesions import insert_lesions
+
+    generator = GroundTruthGenerator(GroundTruthConfig(num_xrays=0, num_cts=4))
+    case = generator.case("ct", 0)
+    plain = dataclasses.replace(case, pose=Pose(), look=CTLook())
+    working = insert_lesions(generator.anatomy.hu, case.lesions)
+    depth, size = working.shape[0], working.shape[1]
+    images = generator.render_slab_images(plain, image_size=size)
+    num_slabs = generator.config.volume_size[0] // generator.config.slab_depth
+    assert images.shape == (num_slabs, size, size)
+    for slab in (0, num_slabs - 1):
+        central = int((slab + 0.5) * depth / num_slabs)
+        assert np.abs(images[slab].astype(np.float32) - np.rint(working[central])).max() <= 1
+    record = generator.record(case)
+    assert record["slab_images_shape"] == [num_slabs, 224, 224]

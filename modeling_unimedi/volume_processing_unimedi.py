@@ -228,7 +228,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         its images together (volume axes D, H, W = slab, row, column). Returns ``volume_values`` and ``slab_images``
         (B, S, 1, H, W)."""
         volumes = self.window_grid(grids, return_tensors="pt")["volume_values"]
-        images = [torch.as_tensor(np.asarray(item), dtype=torch.float32) for item in slab_images]
+        images = [torch.as_tensor(np.array(item, dtype=np.float32)) for item in slab_images]  # a writable copy
         if len(images) != volumes.shape[0] or len({tuple(image.shape) for image in images}) > 1:
             raise ValueError(
                 f"slab_images: need one (S, H, W) array of one shape per volume, got {len(images)} arrays of shapes "

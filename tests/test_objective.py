@@ -267,3 +267,28 @@ def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
         assert np.abs(images[slab].astype(np.float32) - np.rint(working[central])).max() <= 1
     record = generator.record(case)
     assert record["slab_images_shape"] == [num_slabs, 224, 224]
+
+
+def test_collator_passes_stored_slab_images_with_their_volumes():
+    from tiny_configs import minilm_path
+    from transformers import AutoTokenizer
+
+    from modeling_unimedi import UniMedIImageProcessor, UniMedIProcessor, UniMedIVolumeProcessor
+    from processing.schema import ct_record
+    from training.data import PretrainCollator
+
+    volume = np.full(TINY_VISION["volume_size"], -1000, dtype=np.int16)
+    images = np.stack([np.full((6, 6), 200.0 * slab) for slab in range(2)])
+    common = dict(source="test", split="train", report="clear lungs", volume=volume, spacing=(1.0, 1.0, 1.0))
+    records = [ct_record(sample_id=f"ct{i}", **common, slab_images=images) for i in range(2)]
+    processor = UniMedIProcessor(
+        UniMedIImageProcessor(),
+        AutoTokenizer.from_pretrained(minilm_path()),
+        UniMedIVolumeProcessor(volume_size=TINY_VISION["volume_size"]),
+    )
+    inputs = PretrainCollator(processor, training=False)([], records)
+    assert inputs["volume_values"].shape == (2, 1, *TINY_VISION["volume_size"])
+    assert inputs["slab_images"].shape == (2, 2, 1, 6, 6)
+    assert torch.allclose(inputs["slab_images"][:, 1], torch.full((2, 1, 6, 6), 0.2))  # 200 HU windowed to [-1, 1]
+    without = PretrainCollator(processor, training=False)([], [ct_record(sample_id="plain", **common)])
+    assert "slab_images" not in without

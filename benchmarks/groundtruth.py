@@ -11,8 +11,11 @@ run's overrides and any `--set key=value`; measuring is `training.evaluate.evalu
 report -> X-ray/CT retrieval, slice-selection hit rate against the exact random expectation, 2D<->3D alignment,
 t-SNE and slice figures). Runs (default mode; `--quick` trains the first only):
 
-- ``vl_sd_attn``: the full method (VL + self-distillation + attentive selection/masking), one joint 2D+3D model;
-- ``vl``, ``vl_sd``: the ablation rows of the paper's Table 7 (``ablation=vl`` / ``vl+sd``);
+- ``vl_sd_attn``: the full method (VL + self-distillation with attention-guided masking + attentive slice
+  selection), one joint 2D+3D model;
+- ``vl``, ``vl_sd``: the ablation rows of the paper's Table 7 (``ablation=vl``: L_vl with random slices; ``vl+sd``:
+  + L_icl and L_pcl with attention-guided masking, still random slices); ``vl_sd_random_mask``: an extra row,
+  ``vl+sd`` with random masking (``ablation=vl+sd(random-mask)``);
 - ``xray_only``, ``ct_only``: separate 2D and 3D models (``ct_fraction=0`` / ``1``) against the joint one (Fig. 6).
   Each run takes the same number of steps and batch size, so the 3D-only model sees 4x the CTs the joint model does.
 
@@ -93,6 +96,7 @@ RUNS = (
     FULL,
     Run("vl", "VL (joint)", ("ablation=vl",)),
     Run("vl_sd", "VL+SD (joint)", ("ablation=vl+sd",)),
+    Run("vl_sd_random_mask", "VL+SD(random-mask) (joint)", ("ablation=vl+sd(random-mask)",)),
     Run("xray_only", "separate 2D model (X-rays only)", ("ablation=vl+sd+attn", "ct_fraction=0")),
     Run("ct_only", "separate 3D model (CTs only)", ("ablation=vl+sd+attn", "ct_fraction=1")),
 )

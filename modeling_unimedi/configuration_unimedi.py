@@ -13,11 +13,14 @@ BIO_CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
 BIO_CLINICAL_BERT_TEXT_CONFIG = {"vocab_size": 28996, "_name_or_path": BIO_CLINICAL_BERT}
 
 
-# The rows of the paper's Table 7 as UniMedIConfig fields.
+# The rows of the paper's Table 7 as UniMedIConfig fields, as its caption defines them: VL = L_vl with random slice
+# selection; +SD adds L_icl and L_pcl with the attention-guided masking of §3.4; +Attn selects slices attentively
+# (Eq. 1-2) instead of at random. "vl+sd(random-mask)" is an extra row, not in the paper: +SD with random masking.
 ABLATION_SETTINGS = {
     "vl": dict(self_distillation=False, slice_selection="random", token_masking="none"),
-    "vl+sd": dict(self_distillation=True, slice_selection="random", token_masking="random"),
+    "vl+sd": dict(self_distillation=True, slice_selection="random", token_masking="attentive"),
     "vl+sd+attn": dict(self_distillation=True, slice_selection="attentive", token_masking="attentive"),
+    "vl+sd(random-mask)": dict(self_distillation=True, slice_selection="random", token_masking="random"),
 }
 
 
@@ -165,15 +168,37 @@ class UniMedIConfig(PreTrainedConfig):
         num_selected_slices (`int`, *optional*, defaults to 2):
             k, how many depth slabs of each CT become pseudo-2D images (§3.2): 2 of 8 slabs (25%), close to the top
             20% the authors used in their slice-selection check. 0 turns the pseudo-pairs off.
+        pseudo_image_source (`str`, *optional*, defaults to `"grid"`):
+            Where a selected slab's pseudo-2D image comes from. `"native"`: the slab's central slice of the
+            original-resolution CT at the 2D input size (the batch's `slab_images`, stored by data preparation;
+            §3.2 treats selected slices as 2D images). `"grid"`: the slab's central slice of the 32x128x128 model
+            grid, upsampled (for data without native slices; the default until every data pipeline stores them).
         slice_selection (`str`, *optional*, defaults to `"attentive"`):
-            `"attentive"` (Eq. 1-2 on the teacher's [CLS] attention) or `"random"` (the paper's VL ablation).
+            `"attentive"` (Eq. 1-2 on the teacher's [CLS] attention) or `"random"` (Table 7's VL and VL+SD rows).
         self_distillation (`bool`, *optional*, defaults to `True`):
             Add L_icl and L_pcl with an EMA teacher (§3.4); `False` is the VL-only ablation (no teacher).
         token_masking (`str`, *optional*, defaults to `"attentive"`):
             Which tokens the student keeps: `"attentive"` (highest teacher attention, §3.4), `"random"`, or `"none"`
             (the student sees every token).
         mask_ratio (`float`, *optional*, defaults to 0.5):
-            Share of patch tokens dropped from the student's input (Attentive Mask CLIP's 0.5).
+            Share of patch tokens dropped from the student's input (Attentive Mask CLIP's 0.5), applied to each
+            modality on its own: a CT keeps `1 - mask_ratio` of its 3D tokens and of its pseudo-2D slice tokens
+            (§3.4 masks "both 2D and 3D image tokens"; one joint top-k could drop a modality entirely).
+        patch_recovery (`str`, *optional*, defaults to `"predictor"`):
+            How the student predicts the teacher's patch-head output at the masked positions for L_pcl (§3.4
+            "masking and recovering", iBOT's masked-patch loss). `"predictor"`: the encoder sees only the kept
+            tokens (the token-dropping saving stays) and a small transformer (`predictor_num_layers`) takes them plus
+            positioned mask tokens. `"mask_token"`: iBOT's way, the encoder itself sees the full sequence with a
+            learned mask token at the masked positions (no saving). The predictor is the default: at the
+            CPU demo's size a step takes as long either way (17.0 s vs 16.5 s, 1 thread on a loaded 2-core machine,
+            `benchmarks/patch_recovery_step.py`; the demo's encoder is small next to its heads and text tower), after
+            50 demo steps it scored higher on the ground-truth test split (mean zero-shot AUROC X-ray 50.6 vs 44.5,
+            CT 64.7 vs 39.1; both runs still on the early plateau, so a weak signal), and at ViT-B size the encoder
+            dominates a step, where only the predictor keeps the 2x saving of dropping half the tokens.
+        pcl_on_kept_tokens (`bool`, *optional*, defaults to `False`):
+            Also take L_pcl at the kept positions (iBOT takes it at the masked ones only).
+        predictor_num_layers (`int`, *optional*, defaults to 2):
+            Transformer blocks of the `"predictor"` (the backbone's width and block layout).
         dino_out_dim (`int`, *optional*, defaults to 8192):
             Prototypes of each DINO head (iBOT ViT-B).
         dino_hidden_dim (`int`, *optional*, defaults to 2048):
@@ -187,8 +212,16 @@ class UniMedIConfig(PreTrainedConfig):
             loop passes none.
         teacher_temperature_warmup (`float`, *optional*, defaults to 0.04):
             Teacher temperature at step 0, raised linearly to `teacher_temperature` (DINO).
-        teacher_temperature_warmup_steps (`int`, *optional*, defaults to 0):
-            Optimizer steps of that warm-up; 0 = no warm-up. The schedule lives in `training/schedules.py`.
+        teacher_temperature_warmup_steps (`int`, *optional*, defaults to 2500):
+            Optimizer steps of that warm-up; 0 = no warm-up. The schedule lives in `training/schedules.py`. DINO
+            (Caron et al. 2021, `warmup_teacher_temp_epochs`) warms over its first epochs because a sharp teacher
+            early makes training unstable; 2500 steps is about one epoch of MIMIC-CXR + BIMCV at batch 144.
+        prototype_freeze_steps (`int`, *optional*, defaults to 2500):
+            Steps at the start of training during which the DINO heads' last layer (the prototypes) gets no update;
+            DINO's `freeze_last_layer` (first epoch), which it found to stabilise the start (same epoch estimate).
+        max_logit_scale (`float`, *optional*, defaults to 100.0):
+            Upper bound of exp(`logit_scale`), clamped at each pretraining forward as CLIP does (Radford et al.
+            2021, §2.5: "clipped to prevent scaling the logits by more than 100").
         center_momentum (`float`, *optional*, defaults to 0.9):
             EMA momentum of the DINO centres.
         ema_momentum (`float`, *optional*, defaults to 0.996):
@@ -232,17 +265,23 @@ class UniMedIConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
 
     num_selected_slices: int = 2
+    pseudo_image_source: Literal["native", "grid"] = "grid"
     slice_selection: Literal["attentive", "random"] = "attentive"
     self_distillation: bool = True
     token_masking: Literal["attentive", "random", "none"] = "attentive"
     mask_ratio: float = 0.5
+    patch_recovery: Literal["predictor", "mask_token"] = "predictor"
+    pcl_on_kept_tokens: bool = False
+    predictor_num_layers: int = 2
     dino_out_dim: int = 8192
     dino_hidden_dim: int = 2048
     dino_bottleneck_dim: int = 256
     student_temperature: float = 0.1
     teacher_temperature: float = 0.07
     teacher_temperature_warmup: float = 0.04
-    teacher_temperature_warmup_steps: int = 0
+    teacher_temperature_warmup_steps: int = 2500
+    prototype_freeze_steps: int = 2500
+    max_logit_scale: float = 100.0
     center_momentum: float = 0.9
     ema_momentum: float = 0.996
     vl_loss_weight: float = 1.0
@@ -260,10 +299,11 @@ class UniMedIConfig(PreTrainedConfig):
         for name in ("vl_loss_weight", "icl_loss_weight", "pcl_loss_weight", "logit_scale_init_value"):
             if not abs(getattr(self, name)) < float("inf"):  # also refuses NaN
                 raise ValueError(f"`{name}` must be finite, got {getattr(self, name)}")
-        if self.teacher_temperature_warmup_steps < 0:
-            raise ValueError(
-                f"teacher_temperature_warmup_steps must be >= 0, got {self.teacher_temperature_warmup_steps}"
-            )
+        for name in ("teacher_temperature_warmup_steps", "prototype_freeze_steps", "predictor_num_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.max_logit_scale < float("inf"):
+            raise ValueError(f"max_logit_scale must be >= 1 and finite, got {self.max_logit_scale}")
         if not hasattr(self.text_config, "hidden_size"):
             raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
         num_slabs = self.vision_config.volume_grid[0]
@@ -277,9 +317,12 @@ class UniMedIConfig(PreTrainedConfig):
             raise ValueError("ema_momentum and center_momentum must be in [0, 1]")
 
     @classmethod
-    def for_ablation(cls, setting: Literal["vl", "vl+sd", "vl+sd+attn"], **kwargs) -> "UniMedIConfig":
-        """The rows of the paper's Table 7: VL (L_vl, random slices), VL+SD (+ self-distillation), VL+SD+Attn
-        (+ attentive slice selection and attention-guided masking; the full method)."""
+    def for_ablation(
+        cls, setting: Literal["vl", "vl+sd", "vl+sd+attn", "vl+sd(random-mask)"], **kwargs
+    ) -> "UniMedIConfig":
+        """The rows of the paper's Table 7 (`ABLATION_SETTINGS`): VL (L_vl, random slices), VL+SD (+ L_icl and L_pcl
+        with attention-guided masking), VL+SD+Attn (+ attentive slice selection; the full method), and the extra
+        row VL+SD with random masking."""
         if setting not in ABLATION_SETTINGS:
             raise ValueError(f"unknown ablation setting {setting!r}; choose one of {sorted(ABLATION_SETTINGS)}")
         return cls(**{**ABLATION_SETTINGS[setting], **kwargs})

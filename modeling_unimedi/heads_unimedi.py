@@ -25,6 +25,8 @@ class UniMedIDINOHead(nn.Module):
         )
         self.prototypes = nn.Linear(config.dino_bottleneck_dim, config.dino_out_dim, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, freeze_prototypes: bool = False) -> torch.Tensor:
+        """`freeze_prototypes`: no gradient to the prototypes (DINO's `freeze_last_layer` at the start of training)."""
         bottleneck = F.normalize(self.mlp(hidden_states), dim=-1)
-        return F.linear(bottleneck, F.normalize(self.prototypes.weight, dim=-1))
+        prototypes = self.prototypes.weight.detach() if freeze_prototypes else self.prototypes.weight
+        return F.linear(bottleneck, F.normalize(prototypes, dim=-1))

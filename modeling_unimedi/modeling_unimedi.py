@@ -56,7 +56,7 @@ class UniMedIVisionModelOutput(BaseModelOutputWithPooling):
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the [CLS] token.
     cls_attention (`torch.FloatTensor` of shape `(batch_size, num_tokens)`, *optional*):
         Eq. 1 of the paper: the [CLS] query's attention probabilities over the patch tokens, averaged over all layers
-        and heads (softmax over all keys, the [CLS] column dropped). Returned when `output_cls_attention=True`.
+        and heads (softmax over the patch keys only). Returned when `output_cls_attention=True`.
     """
 
     cls_attention: torch.FloatTensor | None = None
@@ -204,12 +204,15 @@ def eager_attention_forward(
 
 
 def cls_attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Head-averaged attention of the [CLS] query over the patch keys, from q_cls . K^T only.
+    """Eq. 1 for one layer: softmax(q_cls . K[Patch]^T / sqrt(d)) over the patch keys only, averaged over heads.
 
-    Costs O(N) per head instead of the O(N^2) attention matrix, so the main attention can stay in SDPA/flash kernels.
+    The [CLS] key is left out of the softmax as the equation writes it (the backbone's own attention includes it, so
+    this row differs from its [CLS] row by a per-sample factor). Costs O(N) per head instead of the O(N^2) attention
+    matrix, so the main attention can stay in SDPA/flash kernels.
     """
-    scores = torch.matmul(query[:, :, :1].float(), key.float().transpose(-1, -2)) * scaling  # (B, heads, 1, N)
-    return scores.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+    patch_keys = key[:, :, 1:].float()
+    scores = torch.matmul(query[:, :, :1].float(), patch_keys.transpose(-1, -2)) * scaling  # (B, heads, 1, N)
+    return scores.softmax(dim=-1)[:, :, 0].mean(dim=1)
 
 
 class UniMedIAttention(nn.Module):

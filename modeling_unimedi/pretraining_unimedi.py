@@ -1,12 +1,14 @@
 """UniMedIForPreTraining: attentive slice selection (§3.2), pseudo-pairs in one pass (§3.3) and EMA self-distillation
-with attention-guided masking (§3.4), on top of [`UniMedIModel`]."""
+with attention-guided masking and patch recovery (§3.4), on top of [`UniMedIModel`]."""
 
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_unimedi import UniMedIConfig
@@ -19,6 +21,7 @@ from .modeling_unimedi import (
     UniMedIVisionModel,
     UniMedIVisionModelOutput,
 )
+from .predictor_unimedi import UniMedIMaskToken, UniMedIPatchPredictor, patch_positions
 
 
 @dataclass
@@ -31,7 +34,8 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     icl_loss (`torch.FloatTensor` of shape `()`, *optional*):
         L_icl, DINO on the [CLS] outputs; None without self-distillation.
     pcl_loss (`torch.FloatTensor` of shape `()`, *optional*):
-        L_pcl, DINO on the patch tokens the student kept; None without self-distillation.
+        L_pcl, DINO between the student's recovered patch states and the teacher's at the masked positions (also
+        the kept ones with `pcl_on_kept_tokens`; every position without masking); None without self-distillation.
     logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
         The student's scaled similarities, X-rays first.
     image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*):
@@ -47,7 +51,8 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     image_keep_mask (`torch.BoolTensor` of shape `(num_images, num_2d_tokens)`, *optional*):
         The X-ray tokens the student saw; None without masking.
     volume_keep_mask (`torch.BoolTensor` of shape `(num_volumes, num_3d_tokens + k * num_2d_tokens)`, *optional*):
-        The CT and pseudo-2D slice tokens the student saw (k = `num_selected_slices`); None without masking.
+        The CT and pseudo-2D slice tokens the student saw (k = `num_selected_slices`), `1 - mask_ratio` of each
+        modality's; None without masking.
     """
 
     loss: torch.FloatTensor | None = None
@@ -112,8 +117,10 @@ class VisionBranch:
     """One modality's pass: the teacher/scoring encoder on the full input, the student on the tokens it keeps.
 
     `teacher` is None when neither self-distillation nor attentive masking needs it; `kept_tokens` (batch, num_kept)
-    holds sorted indices into the `num_tokens` patch tokens, None without masking. `tokenizers` names the student's
-    patch embeddings the pass used.
+    holds sorted indices into the `num_tokens` patch tokens, None without masking. `recovered_patches`
+    (batch, num_tokens, hidden) is the student's state at every patch position (the predictor's output, or the
+    mask-token pass), None without masking or self-distillation. `pcl_positions` (batch, num_positions): where L_pcl
+    is taken, None for every position. `tokenizers` names the student's patch embeddings the pass used.
     """
 
     student: UniMedIVisionModelOutput
@@ -121,6 +128,8 @@ class VisionBranch:
     kept_tokens: torch.LongTensor | None
     num_tokens: int
     tokenizers: tuple[str, ...]
+    recovered_patches: torch.Tensor | None = None
+    pcl_positions: torch.LongTensor | None = None
 
     def keep_mask(self) -> torch.BoolTensor | None:
         """(batch, num_tokens) bool, True where the student saw the token; None without masking."""
@@ -131,12 +140,22 @@ class VisionBranch:
         )
         return mask.scatter_(1, self.kept_tokens, True)
 
-    def teacher_patch_tokens(self) -> torch.Tensor:
-        """The teacher's patch tokens at the positions the student kept: the targets of L_pcl."""
-        tokens = self.teacher.last_hidden_state[:, 1:]
+    def student_patch_states(self) -> torch.Tensor:
+        """The student's patch states that L_pcl compares with the teacher's."""
         if self.kept_tokens is None:
-            return tokens
-        return tokens.gather(1, self.kept_tokens.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            return self.student.last_hidden_state[:, 1:]
+        return gather_tokens(self.recovered_patches, self.pcl_positions)
+
+    def teacher_patch_tokens(self) -> torch.Tensor:
+        """The teacher's patch tokens at the positions L_pcl is taken at: its targets."""
+        return gather_tokens(self.teacher.last_hidden_state[:, 1:], self.pcl_positions)
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor | None) -> torch.Tensor:
+    """tokens (batch, N, hidden) at indices (batch, M); all of them when indices is None."""
+    if indices is None:
+        return tokens
+    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 @dataclass
@@ -144,7 +163,7 @@ class DistillationTargets:
     """The teacher heads' outputs: what L_icl and L_pcl pull the student towards, and what the DINO centres track.
 
     `cls`: (num_images + num_volumes, dino_out_dim), one row per sample, X-rays first. `patches`: one
-    (batch, num_kept, dino_out_dim) tensor per branch.
+    (batch, num_positions, dino_out_dim) tensor per branch, at the branch's `pcl_positions`.
     """
 
     cls: torch.Tensor
@@ -154,7 +173,8 @@ class DistillationTargets:
 class UniMedIForPreTraining(UniMedIPreTrainedModel):
     """Student `UniMedIModel` + (when self-distillation is on) an EMA teacher of the vision encoder and both heads.
 
-    As DINOv2 holds them: `student` has the DINO heads, `teacher` the EMA copies of the backbone and heads. The
+    As DINOv2 holds them: `student` has the DINO heads and the patch recovery (`patch_predictor` or `mask_token`,
+    see `UniMedIConfig.patch_recovery`), `teacher` the EMA copies of the backbone and heads. The
     student's backbone is `unimedi.vision_model`, the inference model's own, so a saved folder also loads as a plain
     `UniMedIModel` (teacher and heads are left out); registering it again under `student` would save it twice.
 
@@ -170,6 +190,10 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         self.teacher = nn.ModuleDict()
         if config.self_distillation:
             self.student.update({"cls_head": UniMedIDINOHead(config), "patch_head": UniMedIDINOHead(config)})
+            if config.patch_recovery == "predictor":
+                self.student["patch_predictor"] = UniMedIPatchPredictor(config)
+            else:
+                self.student["mask_token"] = UniMedIMaskToken(config)
             self.teacher.update(
                 {
                     "backbone": UniMedIVisionModel._from_config(config.vision_config),
@@ -187,6 +211,8 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, UniMedIMaskToken):
+            init.trunc_normal_(module.embedding, std=self.config.vision_config.initializer_range)
         if module is self:
             for name in ("cls_center", "patch_center", "num_teacher_updates"):
                 if hasattr(self, name):
@@ -202,7 +228,7 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
     # ------------------------------------------------------------------ teacher
 
     def student_modules(self) -> dict[str, nn.Module]:
-        """The student's parts under the teacher's names: the EMA pairs."""
+        """The student's parts under the teacher's names: the EMA pairs (the patch recovery has no teacher copy)."""
         return {"backbone": self.unimedi.vision_model, **self.student}
 
     @torch.no_grad()
@@ -256,54 +282,115 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         return top_k_indices(scores, k), scores
 
     def tokens_to_keep(
-        self, scores: torch.Tensor | None, num_tokens: int, batch: int, device
+        self, scores: torch.Tensor | None, modality_sizes: list[int], batch: int, device
     ) -> torch.LongTensor | None:
-        """Indices (sorted) of the patch tokens the student sees, or None when masking is off."""
+        """Indices (sorted) of the patch tokens the student sees, or None when masking is off. The sequence is the
+        concatenation of one block per modality (`modality_sizes`, e.g. 3D tokens then slice tokens); each block keeps
+        `1 - mask_ratio` of its own tokens (§3.4 masks both 2D and 3D tokens)."""
         if self.config.token_masking == "none" or self.config.mask_ratio == 0:
             return None
-        num_keep = max(1, round(num_tokens * (1 - self.config.mask_ratio)))
         if self.config.token_masking == "random":
-            scores = torch.rand(batch, num_tokens, device=device)
-        return top_k_indices(scores, num_keep).sort(dim=-1).values
+            scores = torch.rand(batch, sum(modality_sizes), device=device)
+        kept, start = [], 0
+        for size in modality_sizes:
+            num_keep = max(1, round(size * (1 - self.config.mask_ratio)))
+            kept.append(top_k_indices(scores[:, start : start + size], num_keep) + start)
+            start += size
+        return torch.cat(kept, dim=1).sort(dim=-1).values
 
     # ------------------------------------------------------------------ forward steps
 
     def forward_branch(self, pixel_values=None, volume_values=None) -> VisionBranch:
-        """Teacher/scoring pass on the full input, masking, then the student pass on the kept tokens."""
+        """Teacher/scoring pass on the full input, masking per modality, the student pass, and (with
+        self-distillation) the student's recovery of the masked patches."""
         teacher = None
         if self.config.self_distillation or self.config.token_masking == "attentive":
             with torch.no_grad():
                 teacher = self._scoring_encoder(
                     pixel_values=pixel_values, volume_values=volume_values, output_cls_attention=True
                 )
+        vision = self.unimedi.vision_model
         reference = volume_values if volume_values is not None else pixel_values
-        num_tokens = self.unimedi.vision_model.num_patch_tokens(pixel_values, volume_values)
+        modality_sizes = [
+            vision.num_patch_tokens(volume_values=volume_values) if volume_values is not None else 0,
+            vision.num_patch_tokens(pixel_values=pixel_values) if pixel_values is not None else 0,
+        ]
         kept = self.tokens_to_keep(
-            None if teacher is None else teacher.cls_attention, num_tokens, reference.shape[0], reference.device
-        )
-        student = self.unimedi.vision_model(
-            pixel_values=pixel_values, volume_values=volume_values, keep_token_indices=kept, return_dict=True
+            None if teacher is None else teacher.cls_attention,
+            [size for size in modality_sizes if size],
+            reference.shape[0],
+            reference.device,
         )
         inputs = {"image_embeddings": pixel_values, "volume_embeddings": volume_values}
         tokenizers = tuple(name for name, values in inputs.items() if values is not None)
-        return VisionBranch(student, teacher, kept, num_tokens, tokenizers)
+        branch = VisionBranch(None, teacher, kept, sum(modality_sizes), tokenizers)
+        recover = kept is not None and self.config.self_distillation
+        if recover and self.config.patch_recovery == "mask_token":
+            branch.student = self.encode_with_mask_tokens(pixel_values, volume_values, branch.keep_mask())
+            branch.recovered_patches = branch.student.last_hidden_state[:, 1:]
+        else:
+            branch.student = vision(
+                pixel_values=pixel_values, volume_values=volume_values, keep_token_indices=kept, return_dict=True
+            )
+        if recover and self.config.patch_recovery == "predictor":
+            positions = patch_positions(vision, pixel_values, volume_values)
+            branch.recovered_patches = self.student["patch_predictor"](
+                branch.student.last_hidden_state, kept, branch.keep_mask(), positions
+            )
+        if recover and not self.config.pcl_on_kept_tokens:
+            masked = ~branch.keep_mask()
+            branch.pcl_positions = masked.nonzero()[:, 1].view(masked.shape[0], -1)  # row-major: sorted per row
+        return branch
+
+    def encode_with_mask_tokens(
+        self, pixel_values: torch.Tensor | None, volume_values: torch.Tensor | None, keep_mask: torch.BoolTensor
+    ) -> UniMedIVisionModelOutput:
+        """iBOT's student pass: the full sequence, the mask token (plus position) at every masked position."""
+        vision = self.unimedi.vision_model
+        tokens = vision.embed_patches(pixel_values, volume_values)
+        tokens = self.student["mask_token"](tokens, keep_mask, patch_positions(vision, pixel_values, volume_values))
+        hidden_states = torch.cat([vision.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        hidden_states = vision.post_layernorm(vision.encoder(hidden_states)[0])
+        return UniMedIVisionModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+    def selected_slab_slices(
+        self, volume_values: torch.Tensor, slabs: torch.LongTensor, slab_images: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, k, C, H, W) slices of the selected slabs: their native images (`pseudo_image_source="native"`) or the
+        central slices of the model grid (`"grid"`, for data without native slices)."""
+        patch_depth = self.config.vision_config.volume_patch_size[0]
+        if self.config.pseudo_image_source == "grid":
+            return slab_central_slices(volume_values, slabs, patch_depth)
+        num_slabs = volume_values.shape[2] // patch_depth
+        if slab_images is None:
+            raise ValueError(
+                "pseudo_image_source='native' needs `slab_images` (the data's native slab images); set "
+                "pseudo_image_source='grid' for data without native slices"
+            )
+        if slab_images.ndim != 5 or slab_images.shape[:2] != (volume_values.shape[0], num_slabs):
+            raise ValueError(
+                f"`slab_images` must be (num_volumes={volume_values.shape[0]}, num_slabs={num_slabs}, C, H, W), got "
+                f"shape {tuple(slab_images.shape)}"
+            )
+        index = slabs[:, :, None, None, None].expand(-1, -1, *slab_images.shape[2:])
+        return slab_images.gather(1, index)
 
     def forward_volumes(
-        self, volume_values: torch.Tensor
+        self, volume_values: torch.Tensor, slab_images: torch.Tensor | None = None
     ) -> tuple[VisionBranch, torch.LongTensor | None, torch.Tensor | None]:
-        """§3.2-3.3: select k depth slabs, turn their central slices into pseudo-2D images, and run the CT with its
+        """§3.2-3.3: select k depth slabs, turn their slices into pseudo-2D images, and run the CT with its
         pseudo-images as one sequence. Returns the branch, the selected slabs and their Eq. 2 scores (or None)."""
         slabs = scores = pseudo_images = None
         if self.config.num_selected_slices > 0:
             slabs, scores = self.select_slabs(volume_values)
             vision_config = self.config.vision_config
-            slices = slab_central_slices(volume_values, slabs, vision_config.volume_patch_size[0])
+            slices = self.selected_slab_slices(volume_values, slabs, slab_images)
             pseudo_images = slices_to_images(slices, vision_config.image_size, vision_config.num_channels)
         return self.forward_branch(pixel_values=pseudo_images, volume_values=volume_values), slabs, scores
 
     @torch.no_grad()
     def forward_targets(self, branches: list[VisionBranch]) -> DistillationTargets:
-        """The teacher heads on the teacher's full-view outputs: [CLS], and the patch tokens the student kept."""
+        """The teacher heads on the teacher's full-view outputs: [CLS], and the patch tokens at L_pcl's positions."""
         return DistillationTargets(
             cls=torch.cat([self.teacher["cls_head"](b.teacher.pooler_output) for b in branches]),
             patches=[self.teacher["patch_head"](b.teacher_patch_tokens()) for b in branches],
@@ -312,13 +399,19 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
     def forward_distillation_loss(
         self, branches: list[VisionBranch], targets: DistillationTargets, teacher_temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_icl on the [CLS] outputs and L_pcl on the kept patch tokens (a per-sample average over branches)."""
+        """L_icl on the [CLS] outputs and L_pcl on the recovered patch states (a per-sample average over branches).
+
+        During the first `prototype_freeze_steps` the heads' prototypes get no gradient (DINO's last-layer freeze).
+        """
         student_temperature = self.config.student_temperature
-        student_cls = torch.cat([self.student["cls_head"](b.student.pooler_output) for b in branches])
+        freeze = self.training and int(self.num_teacher_updates) < self.config.prototype_freeze_steps
+        student_cls = torch.cat(
+            [self.student["cls_head"](b.student.pooler_output, freeze_prototypes=freeze) for b in branches]
+        )
         icl = dino_loss(student_cls, targets.cls, self.cls_center, student_temperature, teacher_temperature)
         pcl_terms = [
             dino_loss(
-                self.student["patch_head"](b.student.last_hidden_state[:, 1:]),
+                self.student["patch_head"](b.student_patch_states(), freeze_prototypes=freeze),
                 target,
                 self.patch_center,
                 student_temperature,
@@ -341,9 +434,12 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         DistributedDataParallel works without `find_unused_parameters` when a rank's share is one modality."""
         used = {name for b in branches for name in b.tokenizers}
         vision = self.unimedi.vision_model
-        for name in ("image_embeddings", "volume_embeddings"):
-            if name not in used:
-                loss = loss + 0.0 * sum(p.sum() for p in getattr(vision, name).parameters())
+        unused = [getattr(vision, name) for name in ("image_embeddings", "volume_embeddings") if name not in used]
+        if self.config.self_distillation:  # the frozen prototypes and an unused predictor (no masking)
+            unused += [self.student["cls_head"].prototypes, self.student["patch_head"].prototypes]
+            unused += [m for name, m in self.student.items() if name not in ("cls_head", "patch_head")]
+        for module in unused:
+            loss = loss + 0.0 * sum(p.sum() for p in module.parameters())
         return loss
 
     def forward_loss(
@@ -369,18 +465,23 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         volume_values: torch.Tensor | None = None,
+        slab_images: torch.Tensor | None = None,
         teacher_temperature: float | None = None,
         **kwargs,
     ) -> UniMedIForPreTrainingOutput:
         r"""
         pixel_values (`(num_images, C, H, W)`): X-rays. volume_values (`(num_volumes, 1, D, H, W)`): CTs.
         input_ids / attention_mask / token_type_ids: one report per sample, the X-rays' reports first.
+        slab_images (`(num_volumes, num_depth_slabs, 1, H, W)`, *optional*): each CT's native slab images (the
+            collator's, from stored shards); the pseudo-2D images with `pseudo_image_source="native"`.
         teacher_temperature (`float`, *optional*): this step's DINO teacher temperature (the training loop's
             warm-up schedule); defaults to `config.teacher_temperature`.
         """
+        with torch.no_grad():  # CLIP's clip of the inverse temperature (`max_logit_scale`)
+            self.unimedi.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
         image_branch = None if pixel_values is None else self.forward_branch(pixel_values=pixel_values)
         volume_branch, slabs, scores = (
-            (None, None, None) if volume_values is None else self.forward_volumes(volume_values)
+            (None, None, None) if volume_values is None else self.forward_volumes(volume_values, slab_images)
         )
         branches = [b for b in (image_branch, volume_branch) if b is not None]
         space = self.unimedi.embed_batch(

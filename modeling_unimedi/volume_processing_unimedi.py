@@ -232,6 +232,55 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         values = batch.sub_(low).div_(high - low).clamp_(0.0, 1.0).sub_(self.image_mean).div_(self.image_std)
         return BatchFeature({"volume_values": values}, tensor_type=return_tensors)
 
+    def native_slab_images(self, ct: CTVolume, num_slabs: int, image_size: int = 224) -> np.ndarray:
+        """Float32 HU (num_slabs, image_size, image_size): for each depth slab of the grid, its central slice of the
+        original-resolution CT, resized in-plane to the 2D input size (the pseudo-2D images of §3.2 as real slices,
+        not slices of the 32x128x128 grid).
+
+        Slab i of the grid covers native slices [i n / S, (i + 1) n / S) (n native slices, S = ``num_slabs``), since
+        ``fit_mode="resize"`` maps the whole depth onto the grid; its central slice is the one at (i + 1/2) n / S.
+        The central slice, not the slab's mean, was chosen without a measurement of which works better.
+        """
+        if self.fit_mode != "resize":
+            raise ValueError(f"native_slab_images needs fit_mode='resize' (got {self.fit_mode!r}): slab i is then "
+                             "the i-th of num_slabs equal depth ranges of the CT")  # fmt: skip
+        if not 1 <= num_slabs <= self.volume_size[0] or self.volume_size[0] % num_slabs:
+            raise ValueError(f"num_slabs must divide the grid depth {self.volume_size[0]}, got {num_slabs}")
+        hu = ct.hu
+        if self.orientation != CANONICAL_ORIENTATION:
+            canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
+            hu, _ = reorient(hu, ct.spacing, canonical, self.orientation)
+        central = slab_central_indices(hu.shape[0], num_slabs)
+        slices = torch.from_numpy(np.ascontiguousarray(hu[central], dtype=np.float32))[None, None]
+        return resize_volume(slices, (num_slabs, image_size, image_size))[0, 0].numpy()
+
+    def window_with_slab_images(self, grids, slab_images, training: bool = False) -> BatchFeature:
+        """``window_grid`` for volumes together with their native slab images (a list of (S, H, W) HU arrays, one
+        per volume, from ``native_slab_images``): both windowed alike, and each training flip applied to a volume and
+        its images together (volume axes D, H, W = slab, row, column). Returns ``volume_values`` and ``slab_images``
+        (B, S, 1, H, W)."""
+        volumes = self.window_grid(grids, return_tensors="pt")["volume_values"]
+        images = [torch.as_tensor(np.array(item, dtype=np.float32)) for item in slab_images]  # a writable copy
+        if len(images) != volumes.shape[0] or len({tuple(image.shape) for image in images}) > 1:
+            raise ValueError(
+                f"slab_images: need one (S, H, W) array of one shape per volume, got {len(images)} arrays of shapes "
+                f"{sorted({tuple(image.shape) for image in images})} for {volumes.shape[0]} volumes"
+            )
+        images = torch.stack(images)
+        if images.ndim != 4 or not torch.isfinite(images).all():
+            raise ValueError(f"slab_images: arrays must be (S, H, W) and finite, got shape {tuple(images.shape[1:])}")
+        low, high = self.hu_window
+        images = images.sub_(low).div_(high - low).clamp_(0.0, 1.0).sub_(self.image_mean).div_(self.image_std)
+        images = images[:, :, None]
+        if training:
+            image_axis = {0: 0, 1: 2, 2: 3}  # volume (D, H, W) -> images (S, 1, H, W)
+            for index in range(volumes.shape[0]):
+                axes = [axis for axis in self.flip_axes if torch.rand(()) < self.flip_probability]
+                if axes:
+                    volumes[index] = volumes[index].flip([axis + 1 for axis in axes])
+                    images[index] = images[index].flip([image_axis[axis] for axis in axes])
+        return BatchFeature({"volume_values": volumes, "slab_images": images})
+
     def _load_to_grid(self, item) -> np.ndarray:
         return self.resample_to_grid(item if isinstance(item, CTVolume) else load_ct(item))
 
@@ -241,6 +290,11 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             axes = [axis + 1 for axis in self.flip_axes if torch.rand(()) < self.flip_probability]
             if axes:
                 batch[index] = batch[index].flip(axes)
+
+
+def slab_central_indices(depth: int, num_slabs: int) -> list[int]:
+    """The native slice at the centre of each of ``num_slabs`` equal depth ranges of a ``depth``-slice CT."""
+    return [min(depth - 1, int((index + 0.5) * depth / num_slabs)) for index in range(num_slabs)]
 
 
 def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

@@ -30,6 +30,10 @@ FEATURES = Features(
         "volume_shape": Sequence(Value("int32")),  # CT: (D, H, W); [] for X-ray
         "spacing": Sequence(Value("float32")),  # CT: voxel size in mm along (D, H, W); [] for X-ray
         "orientation": Value("string"),  # CT: CANONICAL_ORIENTATION; "" for X-ray
+        # CT, optional: per depth slab of the grid, its central native-resolution slice at the 2D input size (int16 HU,
+        # C-order, shape slab_images_shape = (num_slabs, H, W)); None / [] when not stored and for X-rays
+        "slab_images": Value("binary"),
+        "slab_images_shape": Sequence(Value("int32")),
         "labels": Sequence(Value("string")),  # finding names when known (benchmark data); [] otherwise
         "metadata": Value("string"),  # JSON object with source-specific extras (ids, view, lesion slabs, ...)
     }
@@ -62,6 +66,13 @@ def decode_volume(record: dict) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").reshape(shape)
 
 
+def decode_slab_images(record: dict) -> np.ndarray | None:
+    """A CT record's stored native slab images (int16 HU, (num_slabs, H, W)), or None when it has none."""
+    if not record.get("slab_images"):
+        return None
+    return decode_volume({**record, "volume": record["slab_images"], "volume_shape": record["slab_images_shape"]})
+
+
 def xray_record(*, sample_id, source, split, report, image, labels=(), metadata=None) -> dict:
     """A record for one X-ray; ``image`` is a PIL image, a path, or {"bytes": ...}."""
     return {
@@ -75,13 +86,16 @@ def xray_record(*, sample_id, source, split, report, image, labels=(), metadata=
         "volume_shape": [],
         "spacing": [],
         "orientation": "",
+        "slab_images": None,
+        "slab_images_shape": [],
         "labels": list(labels),
         "metadata": json.dumps(metadata or {}),
     }
 
 
-def ct_record(*, sample_id, source, split, report, volume, spacing, labels=(), metadata=None) -> dict:
-    """A record for one CT already in CANONICAL_ORIENTATION on the processor grid."""
+def ct_record(*, sample_id, source, split, report, volume, spacing, labels=(), metadata=None, slab_images=None) -> dict:
+    """A record for one CT already in CANONICAL_ORIENTATION on the processor grid; ``slab_images`` (optional, HU
+    (num_slabs, H, W)): its native slab images (``UniMedIVolumeProcessor.native_slab_images``)."""
     return {
         "sample_id": sample_id,
         "source": source,
@@ -93,6 +107,8 @@ def ct_record(*, sample_id, source, split, report, volume, spacing, labels=(), m
         "volume_shape": list(volume.shape),
         "spacing": [float(s) for s in spacing],
         "orientation": CANONICAL_ORIENTATION,
+        "slab_images": None if slab_images is None else encode_volume(slab_images),
+        "slab_images_shape": [] if slab_images is None else list(slab_images.shape),
         "labels": list(labels),
         "metadata": json.dumps(metadata or {}),
     }

@@ -201,7 +201,8 @@ def test_eq1_cls_attention_equals_eager_attention_cls_row():
     fast = model(volume_values=volume, pixel_values=slices, output_cls_attention=True).cls_attention
     model.set_attn_implementation("eager")
     eager = model(volume_values=volume, pixel_values=slices, output_attentions=True)
-    reference = torch.stack(eager.attentions).mean(dim=(0, 2))[:, 0, 1:]  # layers and heads, [CLS] row, patches
+    cls_rows = torch.stack(eager.attentions)[:, :, :, 0, 1:]  # (layers, B, heads, patches): [CLS] query, patch keys
+    reference = (cls_rows / cls_rows.sum(dim=-1, keepdim=True)).mean(dim=(0, 2))  # Eq. 1: softmax over patch keys
     assert fast.shape == (2, 8 + 2 * 4)
     assert torch.allclose(fast, reference, atol=1e-5)
 

@@ -297,7 +297,7 @@ def test_build_model_takes_the_ablation_row_with_overrides_on_top(tmp_path):
     args = tiny_run_args(tmp_path, tmp_path, ablation="vl+sd", **{"model_config.slice_selection": "attentive"})
     model = build_model(load_config(None, args))
     switches = (model.config.self_distillation, model.config.token_masking, model.config.slice_selection)
-    assert switches == (True, "random", "attentive")
+    assert switches == (True, "attentive", "attentive")  # token_masking from the row, selection overridden
     assert model.config.projection_dim == 16 and model.config.text_config.hidden_size == TINY_TEXT["hidden_size"]
 
 

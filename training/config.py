@@ -21,7 +21,7 @@ class PretrainConfig:
     generate_default_data: bool = True  # build the ground-truth benchmark data if `train_data` is missing
     # model
     model_config: dict = field(default_factory=dict)  # UniMedIConfig overrides (sizes, ablation switches, ...)
-    ablation: str = "vl+sd+attn"  # a row of Table 7: "vl", "vl+sd", "vl+sd+attn"
+    ablation: str = "vl+sd+attn"  # a row of Table 7: "vl", "vl+sd", "vl+sd+attn" (or "vl+sd(random-mask)")
     vision_checkpoint: str | None = None  # timm ViT name or state-dict file (ImageNet init in the paper)
     text_checkpoint: str | None = "emilyalsentzer/Bio_ClinicalBERT"  # BERT-family folder or Hub id
     tokenizer: str | None = None  # defaults to text_checkpoint

@@ -14,7 +14,7 @@ from datasets import Image, load_dataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
-from processing.schema import CT, FEATURES, XRAY, decode_volume
+from processing.schema import CT, FEATURES, XRAY, decode_slab_images, decode_volume
 from processing.shards import modality_shards
 
 # datasets sleeps config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) each time a parquet shard iterator closes, a guard
@@ -153,6 +153,8 @@ class PretrainCollator:
     """Records -> model inputs through `UniMedIProcessor` (X-rays first, then CTs, reports in the same order).
 
     CT records hold int16 HU already on the processor grid, so the volume processor only windows them (`window_grid`).
+    When every CT record stores native slab images, they are windowed and flipped with their volumes and passed as
+    `slab_images` (the pseudo-2D images of `pseudo_image_source="native"`).
     """
 
     def __init__(self, processor, training: bool = True):
@@ -162,13 +164,18 @@ class PretrainCollator:
     def __call__(self, xrays: list[dict], cts: list[dict]):
         images = [_decode_image(record) for record in xrays]
         volumes = [decode_volume(record) for record in cts]
-        return self.processor(
+        slab_images = [decode_slab_images(record) for record in cts]
+        with_slabs = bool(cts) and all(images is not None for images in slab_images)
+        batch = self.processor(
             images=images or None,
-            volumes=volumes or None,
+            volumes=None if with_slabs else volumes or None,
             text=[record["report"] for record in xrays + cts],
             training=self.training,
             return_tensors="pt",
         )
+        if with_slabs:
+            batch.update(self.processor.volume_processor.window_with_slab_images(volumes, slab_images, self.training))
+        return batch
 
 
 def _decode_image(record: dict) -> PILImage.Image:

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from modeling_unimedi.loading_unimedi import CTVolume
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, slab_central_indices
 
 from ..schema import CT, XRAY, ct_record, xray_record
 from ..shards import write_shards
@@ -316,6 +316,28 @@ class GroundTruthGenerator:
         volume = np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
         return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]))
 
+    def render_slab_images(self, case: Case, image_size: int = 224) -> np.ndarray:
+        """Int16 HU (num_slabs, image_size, image_size): each grid slab's central slice of the working-resolution CT
+        (``UniMedIVolumeProcessor.native_slab_images``'s definition), with the case's pose and look, so that the
+        stored native slab images show what the stored grid volume shows."""
+        hu = insert_lesions(self.anatomy.hu, case.lesions) - np.float32(AIR_HU)  # air -> 0 outside
+        spacing = np.asarray(self.anatomy.spacing, dtype=np.float64)
+        extent = np.asarray(hu.shape) * spacing
+        out_spacing = (spacing[0], extent[1] / image_size, extent[2] / image_size)
+        matrix, offset = case.pose.inverse()
+        num_slabs = self.config.volume_size[0] // self.config.slab_depth
+        planes = []
+        for central in slab_central_indices(hu.shape[0], num_slabs):
+            centre = np.array([(central + 0.5) * spacing[0] - extent[0] / 2, 0.0, 0.0])  # mm from the CT centre
+            plane = resample_affine(hu[None], spacing, (1, image_size, image_size), out_spacing, matrix,
+                                    matrix @ centre + offset)  # fmt: skip
+            planes.append(plane[0, 0])
+        look = case.look
+        noise = np.random.default_rng(look.noise_seed + 1).standard_normal((num_slabs, image_size, image_size))
+        images = (np.stack(planes) + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
+        images += np.float32(look.noise_hu) * noise.astype(np.float32)
+        return np.clip(np.rint(images), MIN_HU, MAX_HU).astype(np.int16)
+
     def render_xray(self, case: Case) -> np.ndarray:
         """The case's PA radiograph as unsigned integers (``xray_bits``), ``xray_size`` square."""
         anatomy = self.anatomy
@@ -353,7 +375,13 @@ class GroundTruthGenerator:
                 for lesion, occupancy in zip(case.lesions, rendered.lesion_occupancy)
             ],
         )
-        return ct_record(**common, volume=rendered.volume, spacing=rendered.spacing, metadata=metadata)
+        return ct_record(
+            **common,
+            volume=rendered.volume,
+            spacing=rendered.spacing,
+            metadata=metadata,
+            slab_images=self.render_slab_images(case),
+        )
 
     def split_cases(self, split: str) -> Iterator[Case]:
         """The cases of ``split``, X-rays and CTs interleaved in proportion (``write_shards`` files them by modality)."""

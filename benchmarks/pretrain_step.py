@@ -13,6 +13,8 @@ backward + AdamW + EMA teacher update: the full objective (``vl+sd+attn``).
   attention-guided masking (the student sees ``1 - mask_ratio`` of the tokens), and the text encoder frozen as the
   demo trains it (``training.pretrain.freeze_text_layers(..., "all")``, eval mode): forward only, no backward, no
   optimizer state. The project has no cache of the frozen encoder's outputs; it still runs every step.
+- mask-token: UniMedI's path with L_pcl recovered by iBOT's mask tokens inside a full-length student
+  (``patch_recovery="mask_token"``) instead of the default light predictor over the kept tokens.
 
 Sizes: ``demo`` is training/configs/demo.yaml's model (width-192 4-layer ViT with 32-pixel patches, MiniLM-L6 BERT
 architecture, text length 128) at the demo's batch (12 X-rays + 4 CTs); ``vitb`` is ViT-B/16 + BERT-base with the
@@ -64,7 +66,12 @@ SIZES = {
     "demo": dict(model="training/configs/demo.yaml", images=12, volumes=4, text_length=128),
     "vitb": dict(model={}, images=2, volumes=1, text_length=128),
 }
-VARIANTS = ("naive", "unimedi")
+# path -> its switches; "mask-token" is UniMedI's path with iBOT's full-length mask-token L_pcl instead of the predictor
+VARIANTS = {
+    "naive": {"token_masking": "none"},
+    "unimedi": {},
+    "mask-token": {"patch_recovery": "mask_token"},
+}
 
 
 def model_kwargs(size: str) -> dict:
@@ -91,9 +98,7 @@ def build(size: str, variant: str, images: int | None = None, volumes: int | Non
 
     torch.manual_seed(0)
     naive = variant == "naive"
-    config = UniMedIConfig.for_ablation(
-        "vl+sd+attn", **model_kwargs(size), **({"token_masking": "none"} if naive else {})
-    )
+    config = UniMedIConfig.for_ablation("vl+sd+attn", **model_kwargs(size), **VARIANTS[variant])
     model = UniMedIForPreTraining._from_config(config, attn_implementation="eager" if naive else "sdpa")
     model = model.to(device).train()
     if not naive:
@@ -245,10 +250,11 @@ def main():
     print(f"CPU, {args.threads} thread(s), median of {args.steps} step(s) after a warm-up step")
     print("\n| size | batch | path | step (s) | samples/s | peak RSS (GiB) | UniMedI / naive samples/s | memory |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for naive, ours in zip(rows[::2], rows[1::2]):
-        for row in (naive, ours):
-            speedup = f"{ours['samples_per_s'] / naive['samples_per_s']:.2f}x" if row is ours else ""
-            memory = f"{ours['peak_rss_gib'] / naive['peak_rss_gib']:.2f}x" if row is ours else ""
+    for start in range(0, len(rows), len(VARIANTS)):
+        naive = rows[start]
+        for row in rows[start : start + len(VARIANTS)]:
+            speedup = f"{row['samples_per_s'] / naive['samples_per_s']:.2f}x" if row is not naive else ""
+            memory = f"{row['peak_rss_gib'] / naive['peak_rss_gib']:.2f}x" if row is not naive else ""
             print(
                 f"| {row['size']} | {row['batch']} | {row['variant']} | {row['step_s']:.3f} | "
                 f"{row['samples_per_s']:.2f} | {row['peak_rss_gib']:.2f} | {speedup} | {memory} |"

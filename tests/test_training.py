@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -351,3 +352,66 @@ def test_streams_read_shards_that_mix_modalities(tmp_path):
     inputs = PretrainCollator(processor)(xrays, cts)
     assert inputs["pixel_values"].shape[0] == 3 and inputs["volume_values"].shape[0] == 1
     batches.close()
+
+
+# ---------------------------------------------------------------- resuming safely
+
+
+class WritesMarker:
+    """Unpickling this runs code: it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def reseal(folder):
+    """Rewrite a checkpoint's manifest after tampering, as anyone who can write the folder can."""
+    tmp = folder.with_name(".tmp-" + folder.name)
+    folder.rename(tmp)
+    (tmp / checkpointing.MANIFEST).unlink()
+    checkpointing.finalize(tmp, folder, int(folder.name.split("-")[1]))
+
+
+def run_expecting_refusal(args, match):
+    command = [sys.executable, "-m", "training.pretrain"] + args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    assert done.returncode != 0 and match in done.stderr, done.stderr[-3000:]
+
+
+def test_resume_never_unpickles_and_refuses_changed_settings(tmp_path):
+    import pickle
+
+    data = fabricated_shards(tmp_path / "data")
+    output = tmp_path / "run"
+    args = tiny_run_args(data, output, max_steps=4, stop_after_step=2)
+    run_training(args)
+    checkpoint = output / "checkpoints" / "step-00000002"
+    assert not list(checkpoint.glob("*.pkl"))
+    marker = tmp_path / "marker"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(checkpoint, pristine)
+
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):  # the pickles Accelerate would load
+        (checkpoint / name).write_bytes(pickle.dumps(WritesMarker(marker)))
+    reseal(checkpoint)
+    run_expecting_refusal(args + ["--resume"], "refusing a checkpoint that holds pickle files")
+    assert not marker.exists()
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    torch.save({"state": WritesMarker(marker)}, checkpoint / "optimizer.bin", _use_new_zipfile_serialization=True)
+    reseal(checkpoint)
+    run_expecting_refusal(args + ["--resume"], "refusing unsafe content in the optimizer state")
+    assert not marker.exists()
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    changed = tiny_run_args(data, output, max_steps=4, learning_rate=5e-4, shuffle_buffer=4)
+    run_expecting_refusal(changed + ["--resume"], "learning_rate: 0.001 -> 0.0005; shuffle_buffer: 8 -> 4")
+    # allowed overrides (a longer run, other logging), from a checkpoint given by path
+    run_training(tiny_run_args(data, output, max_steps=5, log_every_steps=2) + ["--resume", str(checkpoint)])
+    assert sorted(losses(output)) == [1, 2, 3, 4, 5] and not marker.exists()

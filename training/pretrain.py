@@ -22,7 +22,6 @@ from pathlib import Path
 if not __package__:  # run by file path: import this checkout's packages, never an installed or other checkout's
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -35,7 +34,7 @@ from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing.samples import resolve
 from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
-from training.data import MixedBatches, PretrainCollator, shard_files
+from training.data import MixedBatches, PretrainCollator, shard_files, shard_sizes
 from training.engine import TrainingRun, train_loop
 from training.model_card import write_model_card
 
@@ -121,7 +120,7 @@ def count_records(data: str | list[str], split: str) -> int:
     files = shard_files(data, split)
     if files is None:
         raise ValueError(f"{data} is not a local folder: set max_steps for a Hub dataset")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(shard_sizes(files))
 
 
 def optimizer_groups(
@@ -189,6 +188,12 @@ def build_accelerator(config: PretrainConfig) -> Accelerator:
     return accelerator
 
 
+def seed_this_rank(seed: int) -> None:
+    """Seed Python, NumPy and torch with seed + rank: X-ray crops, CT flips, random slabs and token masks differ across
+    ranks and repeat from run to run (a resumed run restores each rank's own random state)."""
+    set_seed(seed, device_specific=True)
+
+
 def build_batches(config: PretrainConfig, plan: StepPlan, accelerator: Accelerator) -> MixedBatches:
     """This rank's share of the mixed X-ray/CT batches."""
     return MixedBatches(
@@ -222,8 +227,7 @@ def train(config: PretrainConfig) -> Path:
     )
     scheduler = build_schedulers(optimizer, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # crops, flips, random slabs and masks differ across ranks, reproducibly (resuming restores each rank's state)
-    set_seed(config.seed, device_specific=True)
+    seed_this_rank(config.seed)
     batches = build_batches(config, plan, accelerator)
     collate = PretrainCollator(processor, training=True)
     run = TrainingRun(

@@ -5,6 +5,7 @@ Each test starts `torchrun --nproc_per_node 2` on this file (the `check_*` funct
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def run_check(name: str, out: Path, timeout: int = 120) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     command = TORCHRUN + [__file__, name, str(out)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=timeout)
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"check_{name} did not finish within {timeout} s (deadlock)")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -35,18 +38,18 @@ def run_check(name: str, out: Path, timeout: int = 120) -> list[dict]:
 
 
 def test_two_process_resume_is_exact_with_shards_not_divisible_by_the_world_size(tmp_path):
-    """3 X-ray and 3 CT shards over 2 ranks: stopped after step 3 and resumed, the run logs the same losses."""
+    """3 X-ray and 3 CT shards over 2 ranks: stopped after step 2 and resumed, the run logs the same losses."""
     from test_training import fabricated_shards, losses, run_training, tiny_run_args
 
     data = fabricated_shards(tmp_path / "data", num_xrays=24, num_cts=24)
     assert len(list(data.glob("train-ct-*.parquet"))) == 3
     launcher = TORCHRUN + ["-m"]
-    settings = dict(max_steps=6, save_every_steps=3, ct_fraction=0.5)
+    settings = {"max_steps": 4, "save_every_steps": 2, "ct_fraction": 0.5}
     run_training(tiny_run_args(data, tmp_path / "straight", **settings), launcher=launcher, env_extra=ENV)
-    run_training(tiny_run_args(data, tmp_path / "resumed", stop_after_step=3, **settings), launcher, ENV)
+    run_training(tiny_run_args(data, tmp_path / "resumed", stop_after_step=2, **settings), launcher, ENV)
     run_training(tiny_run_args(data, tmp_path / "resumed", **settings) + ["--resume"], launcher, ENV)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    for step in range(1, 7):
+    for step in range(1, 5):
         for key in ("loss", "vl_loss", "icl_loss", "pcl_loss"):
             assert resumed[step][key] == pytest.approx(straight[step][key], abs=1e-5), (step, key)
 
@@ -62,7 +65,7 @@ def test_clip_loss_gradient_equals_the_full_batch_gradient(tmp_path):
 def test_ranks_with_different_modality_mixes_train_without_deadlock(tmp_path):
     """Rank 0 sees only X-rays, rank 1 only CTs, for several DDP steps (no `find_unused_parameters`)."""
     ranks = run_check("different_mixes", tmp_path, timeout=150)
-    assert ranks[0]["losses"] and all(loss == loss for loss in ranks[0]["losses"])  # finite and not NaN
+    assert len(ranks[0]["losses"]) == 6 and all(math.isfinite(loss) for loss in ranks[0]["losses"])
     assert ranks[0]["parameter_checksum"] == pytest.approx(ranks[1]["parameter_checksum"], rel=1e-6)
 
 

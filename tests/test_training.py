@@ -3,9 +3,11 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,7 +380,7 @@ def reseal(folder):
 def run_expecting_refusal(args, match):
     command = [sys.executable, "-m", "training.pretrain"] + args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd(), check=False)
     assert done.returncode != 0 and match in done.stderr, done.stderr[-3000:]
 
 
@@ -415,3 +417,98 @@ def test_resume_never_unpickles_and_refuses_changed_settings(tmp_path):
     # allowed overrides (a longer run, other logging), from a checkpoint given by path
     run_training(tiny_run_args(data, output, max_steps=5, log_every_steps=2) + ["--resume", str(checkpoint)])
     assert sorted(losses(output)) == [1, 2, 3, 4, 5] and not marker.exists()
+
+
+def test_ranks_get_equal_epochs_and_open_only_their_shards(tmp_path, monkeypatch):
+    """12 CTs in shards of 8 and 4, 24 X-rays in 3 shards, over 2 ranks: 6 CTs and 12 X-rays each per epoch, every
+    record read by one rank, and the ranks together open each shard once (the boundary's twice), not each all."""
+    import training.data
+
+    fabricated_shards(tmp_path)
+    opened = []
+    real_load_dataset = training.data.load_dataset
+    monkeypatch.setattr(
+        training.data,
+        "load_dataset",
+        lambda *args, **kwargs: (
+            opened.append(next(iter(kwargs["data_files"].values()))) or real_load_dataset(*args, **kwargs)
+        ),
+    )
+    for modality, per_rank, shards in (("ct", 6, 2), ("xray", 12, 3)):
+        opened.clear()
+        epochs = []
+        for rank in (0, 1):
+            stream = ModalityStream(str(tmp_path), "train", modality, rank, 2, seed=5, buffer=8)
+            epoch = []
+            while stream.epoch == 0:
+                epoch += [r["sample_id"] for r in stream.take(1)]
+            epochs.append(epoch[:-1])  # the last record taken opened the next epoch
+        assert [len(e) for e in epochs] == [per_rank, per_rank], modality
+        assert len(set(epochs[0]) | set(epochs[1])) == 2 * per_rank, modality
+        # two epochs opened per rank: each shard once per epoch, plus the shard a rank boundary falls in
+        assert sum(len(files) for files in opened) <= 2 * (shards + 1), (modality, opened)
+
+
+def test_a_kill_while_rewriting_the_log_keeps_it(tmp_path, monkeypatch):
+    """A kill after the file was opened for writing, before its content was written, must leave the old log."""
+    from training.pretrain import prepare_output_dir
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    config = load_config(None, [f"output_dir={tmp_path}", "resume=true"])
+
+    def killed_while_writing(path, text, *args, **kwargs):
+        open(path, "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_output_dir(tmp_path, config, 2)
+    monkeypatch.undo()
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_kill_while_pruning_is_cleaned_up_by_the_next_start(tmp_path, monkeypatch):
+    for step in (2, 4, 6):
+        tmp = checkpointing.temporary_dir(tmp_path, step)
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(os.urandom(64))
+        checkpointing.finalize(tmp, checkpointing.checkpoint_dir(tmp_path, step), step)
+
+    def killed_while_deleting(folder, *args, **kwargs):
+        (folder / checkpointing.MANIFEST).unlink()  # rmtree's first deletion, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune(tmp_path, keep=2)
+    monkeypatch.undo()
+    checkpointing.prune(tmp_path, keep=2)  # the next save (or start) finishes the deletion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_launch_by_file_path_imports_this_checkout(tmp_path):
+    """`accelerate launch training/pretrain.py` runs the file: its modules must come from this checkout, also without
+    the package installed or on PYTHONPATH (the installed editable copy points at another checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-v", str(root / "training" / "pretrain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sources = re.findall(
+        r"^# code object from '?(.+?/(?:training|modeling_unimedi|processing)/[^/']+\.py)", done.stderr, re.MULTILINE
+    )
+    sources += re.findall(
+        r"matches (.+?/(?:training|modeling_unimedi|processing)/[^/ ]+\.py)$", done.stderr, re.MULTILINE
+    )
+    assert sources and all(Path(s).resolve().is_relative_to(root) for s in sources), sorted(set(sources))
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    run_expecting_refusal(tiny_run_args(tmp_path, tmp_path / "out", mixed_precision="fp16"), "fp16 needs a GPU")

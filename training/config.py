@@ -96,7 +96,9 @@ def settings_changed_on_resume(saved: dict, current: dict) -> list[str]:
     """`name: checkpoint value -> current value` for every setting that differs and may not be overridden."""
     names = sorted((set(saved) | set(current)) - RESUMABLE_OVERRIDES)
     return [
-        f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in names if saved.get(name) != current.get(name)
+        f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+        for name in names
+        if saved.get(name) != current.get(name)
     ]
 
 

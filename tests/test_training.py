@@ -291,6 +291,8 @@ def test_vl_only_ablation_trains(tmp_path):
     run_training(tiny_run_args(data, tmp_path / "vl", ablation="vl", max_steps=2, save_every_steps=2))
     logged = losses(tmp_path / "vl")
     assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]
+    # the rate each step's update used: cosine over 2 steps without warm-up starts at the full rate
+    assert [logged[step]["lr"] for step in (1, 2)] == pytest.approx([1e-3, 5e-4])
 
 
 def test_build_model_takes_the_ablation_row_with_overrides_on_top(tmp_path):

@@ -132,7 +132,8 @@ def drop_after(root: str | Path, step: int) -> None:
     """Delete the checkpoints written after `step`: resuming from an earlier checkpoint abandons them, and a later
     plain `--resume` must not pick them up."""
     for folder in sorted(Path(root).glob(f"{PREFIX}*")):
-        if int(folder.name[len(PREFIX) :]) > step:
+        number = folder.name[len(PREFIX) :]
+        if number.isdigit() and int(number) > step:
             _delete(folder)
 
 

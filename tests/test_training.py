@@ -222,6 +222,10 @@ def test_incomplete_and_corrupted_checkpoints_are_skipped(tmp_path):
     unsealed.mkdir()
     (unsealed / "model.safetensors").write_bytes(b"partial")
     assert checkpointing.latest_complete(tmp_path).name == "step-00000002"
+    broken = checkpointing.checkpoint_dir(tmp_path, 2) / checkpointing.MANIFEST
+    for manifest in ("null", '{"files": []}', '{"files": {}}', '{"files": {"x": null}}', '{"files": {"x": 1}}'):
+        broken.write_text(manifest)  # damaged manifests mark the checkpoint broken, never crash the search
+        assert checkpointing.latest_complete(tmp_path) is None, manifest
 
 
 # ---------------------------------------------------------------- end to end

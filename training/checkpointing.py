@@ -82,13 +82,18 @@ def verify(folder: Path) -> str | None:
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as error:
-        return f"unreadable manifest ({error})"
-    for name, expected in files.items():
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"unreadable manifest ({type(error).__name__}: {error})"
+    if not expected:
+        return "the manifest lists no files"
+    for name, (size, digest) in expected.items():
         path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return f"the manifest names a file outside the checkpoint ({name})"
         if not path.is_file():
             return f"missing file {name}"
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != size or _sha256(path) != digest:
             return f"file {name} does not match its manifest (corrupted)"
     return None
 

@@ -517,4 +517,6 @@ def test_launch_by_file_path_imports_this_checkout(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):
-    run_expecting_refusal(tiny_run_args(tmp_path, tmp_path / "out", mixed_precision="fp16"), "fp16 needs a GPU")
+    """fp16 autocast does nothing on CPU: the run would record fp16 while computing in float32."""
+    data = fabricated_shards(tmp_path / "data")  # a run that would otherwise train, silently in float32
+    run_expecting_refusal(tiny_run_args(data, tmp_path / "out", mixed_precision="fp16"), "fp16 needs a GPU")

@@ -520,3 +520,22 @@ def test_fp16_on_cpu_is_refused(tmp_path):
     """fp16 autocast does nothing on CPU: the run would record fp16 while computing in float32."""
     data = fabricated_shards(tmp_path / "data")  # a run that would otherwise train, silently in float32
     run_expecting_refusal(tiny_run_args(data, tmp_path / "out", mixed_precision="fp16"), "fp16 needs a GPU")
+
+
+def test_a_hub_stream_is_split_by_record_and_resumes_exactly(tmp_path, monkeypatch):
+    """Without local shards (a Hub dataset, here the same folder loaded by name) every rank keeps its own records of
+    the shuffled stream, and a resumed stream skips the rank's own records, also in a later epoch."""
+    import training.data
+
+    fabricated_shards(tmp_path)
+    monkeypatch.setattr(training.data, "shard_files", lambda data, split: None)
+    epochs = []
+    for rank in (0, 1):
+        drawn = [r["sample_id"] for r in ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4).take(12)]
+        stopped = ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4)
+        stopped.take(8)
+        resumed = ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4)
+        resumed.load_state_dict(stopped.state_dict())
+        assert [r["sample_id"] for r in resumed.take(4)] == drawn[8:], rank
+        epochs.append(set(drawn[:6]))
+    assert epochs[0] | epochs[1] == {f"c{i}" for i in range(12)}

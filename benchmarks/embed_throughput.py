@@ -1,6 +1,6 @@
 """Vision-encoder embedding throughput on CPU: UniMedI 2D and 3D next to timm's ViT-B/16, in the same run.
 
-    python benchmarks/embed_throughput.py [--batch 8] [--repeats 5] [--threads N] [--tiny]
+    python benchmarks/embed_throughput.py [--batch 8] [--repeats 5] [--threads N] [--tiny] [--smoke]
 
 Reports images (or volumes) per second as the median over repeats after warm-up, and UniMedI-2D / timm as a ratio
 (target >= 1.0). Both models are ViT-B/16 with random weights in float32 inference mode; weights do not change speed.
@@ -38,7 +38,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-192 encoder, for a quick smoke run")
+    parser.add_argument("--smoke", action="store_true", help="--tiny, batch 2, one repeat (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.batch, args.repeats = True, 2, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

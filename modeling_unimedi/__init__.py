@@ -8,10 +8,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
 from .image_processing_unimedi import UniMedIImageProcessor
+from .loading_unimedi import CTVolume, load_ct, load_xray
 from .modeling_unimedi import UniMedIModel, UniMedIPreTrainedModel, UniMedIVisionModel
 from .pretraining_unimedi import UniMedIForPreTraining, UniMedIForPreTrainingOutput
 from .processing_unimedi import UniMedIProcessor
-from .volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor, load_ct
+from .volume_processing_unimedi import UniMedIVolumeProcessor
 from .zero_shot_unimedi import RetrievalResult, UniMedIZeroShot, recall_at_k
 
 AutoConfig.register(UniMedIConfig.model_type, UniMedIConfig, exist_ok=True)
@@ -44,6 +45,7 @@ __all__ = [
     "UniMedIProcessor",
     "CTVolume",
     "load_ct",
+    "load_xray",
     "UniMedIZeroShot",
     "RetrievalResult",
     "recall_at_k",

@@ -7,7 +7,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 # BioClinicalBERT (emilyalsentzer/Bio_ClinicalBERT) is a cased BERT-base: only the vocabulary differs from BERT's
-# defaults. The weights are not bundled; `UniMedIModel.from_pretrained_parts` loads them from the Hub or a folder.
+# defaults. The weights are not bundled; `convert_unimedi.unimedi_from_pretrained_parts` loads them from the Hub or
+# a folder.
 BIO_CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
 BIO_CLINICAL_BERT_TEXT_CONFIG = {"vocab_size": 28996, "_name_or_path": BIO_CLINICAL_BERT}
 
@@ -35,14 +36,53 @@ class UniMedIVisionConfig(PreTrainedConfig):
     sizes: a 224x224 image gives 14x14 = 196 tokens and a 32x128x128 volume with 4x16x16 patches gives 8x8x8 = 512.
 
     Args:
-        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: ViT width, depth, heads, MLP width.
-        hidden_act: MLP activation. layer_norm_eps: LayerNorm epsilon (1e-6 as in timm's ViT).
-        qkv_bias: whether the fused query/key/value projection has a bias.
-        attention_dropout, hidden_dropout: dropout on attention probabilities and on residual branches.
-        initializer_range: std of the truncated-normal initialisation of linear and embedding weights.
-        image_size, patch_size, num_channels: 2D input geometry (square images, channels after grayscale replication).
-        volume_size, volume_patch_size, volume_channels: 3D input geometry as (depth, height, width).
-    """
+        hidden_size (`int`, *optional*, defaults to 768):
+            Width of the backbone's tokens.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of transformer blocks; Eq. 1 averages the [CLS] attention over all of them.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Attention heads per block; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 3072):
+            Hidden width of each block's MLP.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            MLP activation (a key of `transformers.activations.ACT2FN`).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            LayerNorm epsilon (timm's ViT value, so its weights map 1:1).
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the fused query/key/value projection has a bias.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities.
+        hidden_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the residual branches (attention and MLP outputs).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated-normal initialisation of weights, [CLS] token and position tables.
+        image_size (`int`, *optional*, defaults to 224):
+            Side of the square 2D input (X-rays and pseudo-2D slices); other sizes interpolate the 2D positions.
+        patch_size (`int`, *optional*, defaults to 16):
+            Side of the square 2D patches of T_2D.
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of the 2D input (grayscale replicated, as ImageNet-initialised ViTs expect).
+        volume_size (`tuple[int, int, int]`, *optional*, defaults to `(32, 128, 128)`):
+            (depth, height, width) of the CT input; other sizes interpolate the 3D positions.
+        volume_patch_size (`tuple[int, int, int]`, *optional*, defaults to `(4, 16, 16)`):
+            (depth, height, width) of the 3D patches of T_3D; the depth sets the slabs that Eq. 2 scores.
+        volume_channels (`int`, *optional*, defaults to 1):
+            Channels of the CT input.
+
+    Example:
+
+    ```python
+    >>> from modeling_unimedi import UniMedIVisionConfig, UniMedIVisionModel
+
+    >>> # A ViT-B/16 vision encoder for 224x224 X-rays and 32x128x128 CT volumes
+    >>> configuration = UniMedIVisionConfig()
+
+    >>> # A model (with random weights) from that configuration
+    >>> model = UniMedIVisionModel(configuration)
+
+    >>> # Accessing the model configuration
+    >>> configuration = model.config
+    ```"""
 
     model_type = "unimedi_vision_model"
     base_config_key = "vision_config"
@@ -71,6 +111,14 @@ class UniMedIVisionConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: shapes that cannot build a model fail at config time, not at forward."""
+        sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
+        for name in (*sizes, "patch_size", "num_channels", "volume_channels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if not 0 < self.layer_norm_eps < 1 or not 0 <= self.initializer_range < 1:
+            raise ValueError("layer_norm_eps must be in (0, 1) and initializer_range in [0, 1)")
+        if not (0 <= self.attention_dropout < 1 and 0 <= self.hidden_dropout < 1):
+            raise ValueError("attention_dropout and hidden_dropout must be in [0, 1)")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
@@ -80,9 +128,6 @@ class UniMedIVisionConfig(PreTrainedConfig):
         for axis, size, patch in zip("DHW", self.volume_size, self.volume_patch_size):
             if size % patch != 0:
                 raise ValueError(f"volume_size {axis}={size} is not divisible by volume_patch_size {axis}={patch}")
-        for name in ("num_channels", "volume_channels", "num_hidden_layers", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
 
     @property
     def num_image_patches(self) -> int:
@@ -104,29 +149,74 @@ class UniMedIConfig(PreTrainedConfig):
     r"""
     Configuration of [`UniMedIModel`] and [`UniMedIForPreTraining`].
 
-    Args:
-        vision_config (`dict` or [`UniMedIVisionConfig`], *optional*): the shared 2D/3D vision encoder.
-        text_config (`dict` or `PreTrainedConfig`, *optional*): any BERT-family encoder config (`model_type` picks the
-            architecture); defaults to BioClinicalBERT's architecture.
-        projection_dim: size of the common image/volume/report space.
-        logit_scale_init_value: initial log of the inverse CLIP temperature (log(1/0.07), as CLIP).
+    The pretraining fields are read by [`UniMedIForPreTraining`] only. The paper gives no number for most of them;
+    the defaults follow the cited sources (DINO, iBOT, Attentive Mask CLIP), as noted per field.
 
-    Pretraining fields, read by [`UniMedIForPreTraining`] only (the paper gives no number for most of them; defaults
-    follow the cited sources — DINO, iBOT, Attentive Mask CLIP — and are noted here):
-        num_selected_slices: k, how many depth slabs of each CT become pseudo-2D images (§3.2). Default 2 of 8 slabs
-            (25%), close to the top-20% the authors used in their slice-selection check.
-        slice_selection: "attentive" (Eq. 1-2 on the teacher's [CLS] attention) or "random" (the paper's VL ablation).
-        self_distillation: add L_icl and L_pcl with an EMA teacher (§3.4); off = the VL-only ablation (no teacher).
-        token_masking: which tokens the student keeps: "attentive" (highest teacher attention, §3.4), "random", or
-            "none" (the student sees every token).
-        mask_ratio: share of patch tokens dropped from the student's input (0.5, as Attentive Mask CLIP).
-        dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head sizes (iBOT ViT-B: 8192 prototypes).
-        student_temperature, teacher_temperature, teacher_temperature_warmup, teacher_temperature_warmup_steps:
-            DINO temperatures; the teacher's rises linearly from the warmup value over the warmup steps.
-        center_momentum: EMA momentum of the DINO centres. ema_momentum: the teacher's starting EMA momentum,
-            raised to 1 on a cosine schedule over training (DINO).
-        vl_loss_weight, icl_loss_weight, pcl_loss_weight: weights of L_vl, L_icl, L_pcl in the total loss.
-    """
+    Args:
+        vision_config (`dict` or [`UniMedIVisionConfig`], *optional*):
+            The shared 2D/3D vision encoder; defaults to [`UniMedIVisionConfig`]'s ViT-B/16.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any BERT-family encoder config (`model_type` picks the architecture); defaults to BioClinicalBERT's
+            architecture (a cased BERT-base).
+        projection_dim (`int`, *optional*, defaults to 512):
+            Size of the common image/volume/report space.
+        logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
+            Initial log of the inverse CLIP temperature (log(1/0.07), as CLIP).
+        num_selected_slices (`int`, *optional*, defaults to 2):
+            k, how many depth slabs of each CT become pseudo-2D images (§3.2): 2 of 8 slabs (25%), close to the top
+            20% the authors used in their slice-selection check. 0 turns the pseudo-pairs off.
+        slice_selection (`str`, *optional*, defaults to `"attentive"`):
+            `"attentive"` (Eq. 1-2 on the teacher's [CLS] attention) or `"random"` (the paper's VL ablation).
+        self_distillation (`bool`, *optional*, defaults to `True`):
+            Add L_icl and L_pcl with an EMA teacher (§3.4); `False` is the VL-only ablation (no teacher).
+        token_masking (`str`, *optional*, defaults to `"attentive"`):
+            Which tokens the student keeps: `"attentive"` (highest teacher attention, §3.4), `"random"`, or `"none"`
+            (the student sees every token).
+        mask_ratio (`float`, *optional*, defaults to 0.5):
+            Share of patch tokens dropped from the student's input (Attentive Mask CLIP's 0.5).
+        dino_out_dim (`int`, *optional*, defaults to 8192):
+            Prototypes of each DINO head (iBOT ViT-B).
+        dino_hidden_dim (`int`, *optional*, defaults to 2048):
+            Hidden width of the DINO heads' 3-layer MLP.
+        dino_bottleneck_dim (`int`, *optional*, defaults to 256):
+            L2-normalised bottleneck between the DINO MLP and the prototypes.
+        student_temperature (`float`, *optional*, defaults to 0.1):
+            Softmax temperature of the student's DINO outputs.
+        teacher_temperature (`float`, *optional*, defaults to 0.07):
+            Softmax temperature of the teacher's DINO outputs after warm-up; `forward`'s default when the training
+            loop passes none.
+        teacher_temperature_warmup (`float`, *optional*, defaults to 0.04):
+            Teacher temperature at step 0, raised linearly to `teacher_temperature` (DINO).
+        teacher_temperature_warmup_steps (`int`, *optional*, defaults to 0):
+            Optimizer steps of that warm-up; 0 = no warm-up. The schedule lives in `training/schedules.py`.
+        center_momentum (`float`, *optional*, defaults to 0.9):
+            EMA momentum of the DINO centres.
+        ema_momentum (`float`, *optional*, defaults to 0.996):
+            The teacher's EMA momentum at step 0, raised to 1 on a cosine schedule over training (DINO).
+        vl_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_vl in the total loss.
+        icl_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_icl in the total loss.
+        pcl_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_pcl in the total loss.
+
+    Example:
+
+    ```python
+    >>> from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
+
+    >>> # ViT-B/16 + BioClinicalBERT architecture, the full method's pretraining settings
+    >>> configuration = UniMedIConfig()
+
+    >>> # The inference model (with random weights) from that configuration
+    >>> model = UniMedIModel(configuration)
+
+    >>> # A row of the paper's Table 7: the VL-only ablation, for pretraining
+    >>> pretraining = UniMedIForPreTraining(UniMedIConfig.for_ablation("vl"))
+
+    >>> # Accessing the model configuration
+    >>> configuration = model.config
+    ```"""
 
     model_type = "unimedi"
     sub_configs_defaults = {
@@ -160,8 +250,20 @@ class UniMedIConfig(PreTrainedConfig):
     pcl_loss_weight: float = 1.0
 
     def validate_architecture(self):
-        if self.projection_dim <= 0:
-            raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
+        for name in ("projection_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        temperatures = ("student_temperature", "teacher_temperature", "teacher_temperature_warmup")
+        for name in temperatures:  # `not 0 < x` also refuses NaN
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"`{name}` must be positive and finite, got {getattr(self, name)}")
+        for name in ("vl_loss_weight", "icl_loss_weight", "pcl_loss_weight", "logit_scale_init_value"):
+            if not abs(getattr(self, name)) < float("inf"):  # also refuses NaN
+                raise ValueError(f"`{name}` must be finite, got {getattr(self, name)}")
+        if self.teacher_temperature_warmup_steps < 0:
+            raise ValueError(
+                f"teacher_temperature_warmup_steps must be >= 0, got {self.teacher_temperature_warmup_steps}"
+            )
         if not hasattr(self.text_config, "hidden_size"):
             raise ValueError(f"text_config of type {type(self.text_config).__name__} has no hidden_size")
         num_slabs = self.vision_config.volume_grid[0]

@@ -1,4 +1,8 @@
-"""Initialise UniMedI from pretrained parts: a timm ViT (the paper's ImageNet init) and a BERT-family text encoder."""
+"""Initialise UniMedI from pretrained parts: a timm ViT (the paper's ImageNet init) and a BERT-family text encoder.
+
+Conversion sits above the model, as transformers' `convert_*` scripts do: this module imports `modeling_unimedi`, never
+the reverse.
+"""
 
 import os
 import re
@@ -6,8 +10,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .configuration_unimedi import UniMedIVisionConfig
-from .modeling_unimedi import text_encoder_kwargs
+from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
+from .modeling_unimedi import UniMedIModel, text_encoder_kwargs
 
 _TIMM_BLOCK_KEYS = {
     "norm1": "norm1",
@@ -128,3 +132,24 @@ def load_text_encoder(name_or_path: str, **kwargs):
 
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     return AutoModel.from_pretrained(name_or_path, config=config, **text_encoder_kwargs(config), **kwargs)
+
+
+def unimedi_from_pretrained_parts(
+    vision_checkpoint=None, text_checkpoint: str | None = None, **config_kwargs
+) -> UniMedIModel:
+    """A new `UniMedIModel` whose vision encoder starts from a timm ViT and/or whose text encoder is a pretrained BERT.
+
+    `vision_checkpoint`: a timm model, a timm state-dict file (.safetensors/.pth), or a timm model name (downloads);
+    both tokenizers are initialised from its patch embedding (the 3D one by inflation). `text_checkpoint`: a local
+    folder or Hub id of any BERT-family encoder; its config becomes `text_config`. Other kwargs go to `UniMedIConfig`.
+    """
+    text_encoder = load_text_encoder(text_checkpoint) if text_checkpoint is not None else None
+    if text_encoder is not None:
+        config_kwargs["text_config"] = text_encoder.config
+    model = UniMedIModel(UniMedIConfig(**config_kwargs))
+    if vision_checkpoint is not None:
+        timm_state = load_timm_state_dict(vision_checkpoint)
+        model.vision_model.load_state_dict(vision_state_dict_from_timm(timm_state, model.config.vision_config))
+    if text_encoder is not None:
+        model.text_model.load_state_dict(text_encoder.state_dict())
+    return model

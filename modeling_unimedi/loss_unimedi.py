@@ -33,14 +33,14 @@ def gathered_contrastive_loss(
 
     Each rank gathers every rank's (detached) embeddings and computes the global (global x global) loss, the same
     value on every rank; only its own rows carry gradients (see `_gather_keeping_local_grad`). Embeddings must be
-    L2-normalised and every rank must hold the same number of samples. Without a process group: the plain loss.
+    L2-normalised and every rank must hold the same number of samples; `logit_scale` is the exponentiated inverse
+    temperature (as open_clip's `ClipLoss` takes it). Without an initialised process group this is the plain loss.
     """
-    scale = logit_scale.exp()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return contrastive_loss(scale * image_embeds @ text_embeds.t())
+        return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
     all_images = _gather_keeping_local_grad(image_embeds)
     all_texts = _gather_keeping_local_grad(text_embeds)
-    return contrastive_loss(scale * all_images @ all_texts.t())
+    return contrastive_loss(logit_scale * all_images @ all_texts.t())
 
 
 def dino_loss(

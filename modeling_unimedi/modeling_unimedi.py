@@ -48,7 +48,10 @@ class UniMedIOutput(ModelOutput):
     image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*): normalised X-ray embeddings.
     volume_embeds (`torch.FloatTensor` of shape `(num_volumes, projection_dim)`, *optional*): normalised CT embeddings.
     text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`): normalised report embeddings.
-    image_model_output, volume_model_output, text_model_output: the towers' outputs (pooler_output = projection).
+    image_model_output, volume_model_output (`UniMedIVisionModelOutput`, *optional*): the vision tower's outputs
+        for the X-rays and the CTs (pooler_output = the [CLS] state before projection, as CLIP's
+        `vision_model_output`).
+    text_model_output (`BaseModelOutputWithPooling`): the report tower's output (pooler_output = projection).
     """
 
     loss: torch.FloatTensor | None = None
@@ -63,6 +66,27 @@ class UniMedIOutput(ModelOutput):
 
     def to_tuple(self):
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class UniMedICommonSpace(ModelOutput):
+    r"""
+    The mixed batch in the common space, as both UniMedI forwards compute it.
+
+    vision_embeds (`torch.FloatTensor` of shape `(num_images + num_volumes, projection_dim)`):
+        Normalised projections of the vision [CLS] states, X-rays first.
+    text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`): normalised report embeddings.
+    logit_scale (`torch.FloatTensor` of shape `()`): the inverse temperature exp(`logit_scale`) scaling similarities.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
+        Scaled cosine similarities.
+    text_model_output (`BaseModelOutputWithPooling`): the report tower's output (pooler_output = projection).
+    """
+
+    vision_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
 
 
 def interpolate_position_embedding(
@@ -371,6 +395,16 @@ class UniMedIVisionModel(UniMedIPreTrainedModel):
             last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], cls_attention=cls_attention
         )
 
+    def slab_scores(self, volume_values: torch.Tensor) -> torch.FloatTensor:
+        r"""Relevance of each depth slab of each CT for attentive slice selection (§3.2).
+
+        Eq. 1: the [CLS] query's attention over the patch tokens, averaged over layers and heads; Eq. 2: its mean over
+        the tokens of each depth slab. Returns `(batch, num_depth_slabs)`. Gradients follow the caller's mode.
+        """
+        cls_attention = self(volume_values=volume_values, output_cls_attention=True).cls_attention
+        num_slabs = volume_values.shape[2] // self.volume_embeddings.patch_size[0]
+        return cls_attention.unflatten(1, (num_slabs, -1)).mean(dim=-1)
+
 
 def text_encoder_kwargs(text_config) -> dict:
     """Init kwargs that drop the text encoder's pooler head where the architecture has one.
@@ -399,29 +433,6 @@ class UniMedIModel(UniMedIPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
-
-    @classmethod
-    def from_pretrained_parts(
-        cls, vision_checkpoint=None, text_checkpoint: str | None = None, **config_kwargs
-    ) -> "UniMedIModel":
-        """A new model whose vision encoder starts from a timm ViT and/or whose text encoder is a pretrained BERT.
-
-        `vision_checkpoint`: a timm model, a timm state-dict file (.safetensors/.pth), or a timm model name (downloads);
-        both tokenizers are initialised from its patch embedding (the 3D one by inflation). `text_checkpoint`: a local
-        folder or Hub id of any BERT-family encoder; its config becomes `text_config`. Other kwargs go to the config.
-        """
-        from .convert_unimedi import load_text_encoder, load_timm_state_dict, vision_state_dict_from_timm
-
-        text_encoder = load_text_encoder(text_checkpoint) if text_checkpoint is not None else None
-        if text_encoder is not None:
-            config_kwargs["text_config"] = text_encoder.config
-        model = cls(UniMedIConfig(**config_kwargs))
-        if vision_checkpoint is not None:
-            timm_state = load_timm_state_dict(vision_checkpoint)
-            model.vision_model.load_state_dict(vision_state_dict_from_timm(timm_state, model.config.vision_config))
-        if text_encoder is not None:
-            model.text_model.load_state_dict(text_encoder.state_dict())
-        return model
 
     def _project_vision(self, outputs: UniMedIVisionModelOutput) -> UniMedIVisionModelOutput:
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
@@ -461,6 +472,43 @@ class UniMedIModel(UniMedIPreTrainedModel):
             attentions=outputs.attentions,
         )
 
+    def embed_batch(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        image_states: torch.Tensor | None = None,
+        volume_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> UniMedICommonSpace:
+        r"""The common-space tail of both UniMedI forwards (this model's and [`UniMedIForPreTraining`]'s).
+
+        Checks that there is one report per sample (the X-rays' first), projects the vision [CLS] states
+        `image_states` (num_images, hidden_size) and `volume_states` (num_volumes, hidden_size) and the reports into
+        the common space, normalises them and scores every sample against every report.
+        """
+        states = [s for s in (image_states, volume_states) if s is not None]
+        if not states:
+            raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
+        num_images = 0 if image_states is None else image_states.shape[0]
+        num_volumes = 0 if volume_states is None else volume_states.shape[0]
+        if input_ids.shape[0] != num_images + num_volumes:
+            raise ValueError(
+                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
+                "report per sample, the X-rays' reports first, then the volumes'"
+            )
+        text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
+        vision_embeds = F.normalize(self.visual_projection(torch.cat(states)), dim=-1)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        logit_scale = self.logit_scale.exp()
+        return UniMedICommonSpace(
+            vision_embeds=vision_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
+            logits_per_image=logit_scale * vision_embeds @ text_embeds.t(),
+            text_model_output=text_outputs,
+        )
+
     @can_return_tuple
     def forward(
         self,
@@ -479,33 +527,30 @@ class UniMedIModel(UniMedIPreTrainedModel):
         """
         if input_ids is None:
             raise ValueError("`input_ids` (one report per X-ray/volume) are required")
-        image_outputs = self.get_image_features(pixel_values, **kwargs) if pixel_values is not None else None
-        volume_outputs = self.get_volume_features(volume_values, **kwargs) if volume_values is not None else None
-        visual = [o.pooler_output for o in (image_outputs, volume_outputs) if o is not None]
-        if not visual:
-            raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
+        image_outputs = volume_outputs = None
+        if pixel_values is not None:
+            image_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        if volume_values is not None:
+            volume_outputs = self.vision_model(volume_values=volume_values, return_dict=True, **kwargs)
+        space = self.embed_batch(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            image_states=None if image_outputs is None else image_outputs.pooler_output,
+            volume_states=None if volume_outputs is None else volume_outputs.pooler_output,
+            **kwargs,
+        )
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        num_volumes = 0 if volume_values is None else volume_values.shape[0]
-        if input_ids.shape[0] != num_images + num_volumes:
-            raise ValueError(
-                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
-                "report per sample, the X-rays' reports first, then the volumes'"
-            )
-        text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
-
-        vision_embeds = F.normalize(torch.cat(visual), dim=-1)
-        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
-        logits_per_image = self.logit_scale.exp() * vision_embeds @ text_embeds.t()
         return UniMedIOutput(
-            loss=contrastive_loss(logits_per_image) if return_loss else None,
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
-            image_embeds=vision_embeds[:num_images] if num_images else None,
-            volume_embeds=vision_embeds[num_images:] if num_volumes else None,
-            text_embeds=text_embeds,
+            loss=contrastive_loss(space.logits_per_image) if return_loss else None,
+            logits_per_image=space.logits_per_image,
+            logits_per_text=space.logits_per_image.t(),
+            image_embeds=space.vision_embeds[:num_images] if image_outputs is not None else None,
+            volume_embeds=space.vision_embeds[num_images:] if volume_outputs is not None else None,
+            text_embeds=space.text_embeds,
             image_model_output=image_outputs,
             volume_model_output=volume_outputs,
-            text_model_output=text_outputs,
+            text_model_output=space.text_model_output,
         )
 
 

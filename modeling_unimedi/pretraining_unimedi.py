@@ -1,8 +1,7 @@
 """UniMedIForPreTraining: attentive slice selection (§3.2), pseudo-pairs in one pass (§3.3) and EMA self-distillation
 with attention-guided masking (§3.4), on top of [`UniMedIModel`]."""
 
-import copy
-import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -13,20 +12,42 @@ from transformers.utils import ModelOutput
 from .configuration_unimedi import UniMedIConfig
 from .heads_unimedi import UniMedIDINOHead
 from .loss_unimedi import dino_loss, gathered_contrastive_loss, update_center
-from .modeling_unimedi import UniMedIModel, UniMedIPreTrainedModel, UniMedIVisionModel
+from .modeling_unimedi import (
+    UniMedICommonSpace,
+    UniMedIModel,
+    UniMedIPreTrainedModel,
+    UniMedIVisionModel,
+    UniMedIVisionModelOutput,
+)
 
 
 @dataclass
 class UniMedIForPreTrainingOutput(ModelOutput):
     r"""
-    loss: weighted sum of the components below (the ones the config enables).
-    vl_loss, icl_loss, pcl_loss: L_vl (CLIP, whole mixed batch), L_icl (DINO on [CLS]), L_pcl (DINO on patch tokens).
-    logits_per_image: (num_images + num_volumes, num_texts) student similarities, X-rays first.
-    image_embeds, volume_embeds, text_embeds: normalised student embeddings.
-    slab_scores: (num_volumes, num_slabs) Eq. 2 relevance of each depth slab (attentive selection only).
-    selected_slabs: (num_volumes, k) depth-slab indices turned into pseudo-2D images, highest score first.
-    image_keep_mask: (num_images, num_patches) bool, the X-ray tokens the student saw.
-    volume_keep_mask: (num_volumes, num_3d_tokens + k * num_2d_tokens) bool, the CT+slice tokens the student saw.
+    loss (`torch.FloatTensor` of shape `()`):
+        Weighted sum of the components below that the config enables.
+    vl_loss (`torch.FloatTensor` of shape `()`):
+        L_vl, the CLIP loss over the whole mixed batch (negatives from every rank under DDP).
+    icl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        L_icl, DINO on the [CLS] outputs; None without self-distillation.
+    pcl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        L_pcl, DINO on the patch tokens the student kept; None without self-distillation.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images + num_volumes, num_texts)`):
+        The student's scaled similarities, X-rays first.
+    image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*):
+        Normalised student X-ray embeddings.
+    volume_embeds (`torch.FloatTensor` of shape `(num_volumes, projection_dim)`, *optional*):
+        Normalised student CT embeddings (each CT with its pseudo-2D slices in one sequence).
+    text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`):
+        Normalised report embeddings.
+    slab_scores (`torch.FloatTensor` of shape `(num_volumes, num_depth_slabs)`, *optional*):
+        Eq. 2 relevance of each depth slab; attentive selection only.
+    selected_slabs (`torch.LongTensor` of shape `(num_volumes, num_selected_slices)`, *optional*):
+        Depth-slab indices turned into pseudo-2D images, highest score first.
+    image_keep_mask (`torch.BoolTensor` of shape `(num_images, num_2d_tokens)`, *optional*):
+        The X-ray tokens the student saw; None without masking.
+    volume_keep_mask (`torch.BoolTensor` of shape `(num_volumes, num_3d_tokens + k * num_2d_tokens)`, *optional*):
+        The CT and pseudo-2D slice tokens the student saw (k = `num_selected_slices`); None without masking.
     """
 
     loss: torch.FloatTensor | None = None
@@ -41,12 +62,6 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     selected_slabs: torch.LongTensor | None = None
     image_keep_mask: torch.BoolTensor | None = None
     volume_keep_mask: torch.BoolTensor | None = None
-
-
-def slab_scores_from_attention(cls_attention: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Eq. 2: average the [CLS] attention (Eq. 1) of the tokens of each depth slab. Returns (batch, grid_depth)."""
-    depth, height, width = grid
-    return cls_attention[:, : depth * height * width].reshape(-1, depth, height * width).mean(dim=-1)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.LongTensor:
@@ -74,31 +89,98 @@ def slices_to_images(slices: torch.Tensor, image_size: int, num_channels: int) -
     return images.expand(-1, num_channels, -1, -1).unflatten(0, (batch, k))
 
 
-def keep_mask(indices: torch.LongTensor, num_tokens: int) -> torch.BoolTensor:
-    mask = torch.zeros(indices.shape[0], num_tokens, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, indices, True)
+# Old layout (before the student/teacher ModuleDicts) -> new layout. `from_pretrained` passes it as transformers'
+# `key_mapping`; plain `load_state_dict` (resuming an accelerate checkpoint) applies it through a pre-hook.
+LEGACY_KEY_MAPPING = {
+    r"^teacher_vision_model\.": "teacher.backbone.",
+    r"^teacher_cls_head\.": "teacher.cls_head.",
+    r"^teacher_patch_head\.": "teacher.patch_head.",
+    r"^cls_head\.": "student.cls_head.",
+    r"^patch_head\.": "student.patch_head.",
+}
+
+
+def rename_legacy_key(key: str) -> str:
+    """A state-dict key of the old layout in the new one (other keys unchanged)."""
+    for old, new in LEGACY_KEY_MAPPING.items():
+        key = re.sub(old, new, key)
+    return key
+
+
+@dataclass
+class VisionBranch:
+    """One modality's pass: the teacher/scoring encoder on the full input, the student on the tokens it keeps.
+
+    `teacher` is None when neither self-distillation nor attentive masking needs it; `kept_tokens` (batch, num_kept)
+    holds sorted indices into the `num_tokens` patch tokens, None without masking. `tokenizers` names the student's
+    patch embeddings the pass used.
+    """
+
+    student: UniMedIVisionModelOutput
+    teacher: UniMedIVisionModelOutput | None
+    kept_tokens: torch.LongTensor | None
+    num_tokens: int
+    tokenizers: tuple[str, ...]
+
+    def keep_mask(self) -> torch.BoolTensor | None:
+        """(batch, num_tokens) bool, True where the student saw the token; None without masking."""
+        if self.kept_tokens is None:
+            return None
+        mask = torch.zeros(
+            self.kept_tokens.shape[0], self.num_tokens, dtype=torch.bool, device=self.kept_tokens.device
+        )
+        return mask.scatter_(1, self.kept_tokens, True)
+
+    def teacher_patch_tokens(self) -> torch.Tensor:
+        """The teacher's patch tokens at the positions the student kept: the targets of L_pcl."""
+        tokens = self.teacher.last_hidden_state[:, 1:]
+        if self.kept_tokens is None:
+            return tokens
+        return tokens.gather(1, self.kept_tokens.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+@dataclass
+class DistillationTargets:
+    """The teacher heads' outputs: what L_icl and L_pcl pull the student towards, and what the DINO centres track.
+
+    `cls`: (num_images + num_volumes, dino_out_dim), one row per sample, X-rays first. `patches`: one
+    (batch, num_kept, dino_out_dim) tensor per branch.
+    """
+
+    cls: torch.Tensor
+    patches: list[torch.Tensor]
 
 
 class UniMedIForPreTraining(UniMedIPreTrainedModel):
     """Student `UniMedIModel` + (when self-distillation is on) an EMA teacher of the vision encoder and both heads.
 
+    As DINOv2 holds them: `student` has the DINO heads, `teacher` the EMA copies of the backbone and heads. The
+    student's backbone is `unimedi.vision_model`, the inference model's own, so a saved folder also loads as a plain
+    `UniMedIModel` (teacher and heads are left out); registering it again under `student` would save it twice.
+
     One `forward` takes a mixed batch (X-rays and CTs with one report each, X-rays' reports first) and returns every
-    loss component. Call `update_teacher(total_steps)` after each optimizer step. The saved folder also loads as a
-    plain `UniMedIModel` (teacher and heads are left out), which is the inference path.
+    loss component. The training loop owns the schedules (`training/schedules.py`): it passes the teacher temperature
+    to `forward` and calls `update_teacher(momentum)` after each optimizer step.
     """
 
     def __init__(self, config: UniMedIConfig):
         super().__init__(config)
         self.unimedi = UniMedIModel._from_config(config)
+        self.student = nn.ModuleDict()
+        self.teacher = nn.ModuleDict()
         if config.self_distillation:
-            self.cls_head = UniMedIDINOHead(config)
-            self.patch_head = UniMedIDINOHead(config)
-            self.teacher_vision_model = UniMedIVisionModel._from_config(config.vision_config)
-            self.teacher_cls_head = UniMedIDINOHead(config)
-            self.teacher_patch_head = UniMedIDINOHead(config)
+            self.student.update({"cls_head": UniMedIDINOHead(config), "patch_head": UniMedIDINOHead(config)})
+            self.teacher.update(
+                {
+                    "backbone": UniMedIVisionModel._from_config(config.vision_config),
+                    "cls_head": UniMedIDINOHead(config),
+                    "patch_head": UniMedIDINOHead(config),
+                }
+            )
             self.register_buffer("cls_center", torch.zeros(1, config.dino_out_dim))
             self.register_buffer("patch_center", torch.zeros(1, config.dino_out_dim))
         self.register_buffer("num_teacher_updates", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(self._rename_legacy_keys)
         self.post_init()
         self.reset_teacher()
 
@@ -110,55 +192,48 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
                 if hasattr(self, name):
                     getattr(self, name).zero_()
 
+    @staticmethod
+    def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            renamed = prefix + rename_legacy_key(key[len(prefix) :])
+            if renamed != key:
+                state_dict[renamed] = state_dict.pop(key)
+
     # ------------------------------------------------------------------ teacher
 
-    def _teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.config.self_distillation:
-            return []
-        return [
-            (self.unimedi.vision_model, self.teacher_vision_model),
-            (self.cls_head, self.teacher_cls_head),
-            (self.patch_head, self.teacher_patch_head),
-        ]
+    def student_modules(self) -> dict[str, nn.Module]:
+        """The student's parts under the teacher's names: the EMA pairs."""
+        return {"backbone": self.unimedi.vision_model, **self.student}
 
     @torch.no_grad()
     def reset_teacher(self) -> None:
         """Teacher := student, frozen. Done at construction and when a checkpoint carries no teacher."""
-        for student, teacher in self._teacher_pairs():
-            teacher.load_state_dict(copy.deepcopy(student.state_dict()))
+        student = self.student_modules()
+        for name, teacher in self.teacher.items():
+            teacher.load_state_dict(student[name].state_dict())
             teacher.requires_grad_(False)
 
-    def ema_momentum(self, total_steps: int) -> float:
-        """DINO's cosine schedule from `config.ema_momentum` at step 0 to 1 at `total_steps`."""
-        progress = min(int(self.num_teacher_updates), total_steps) / max(total_steps, 1)
-        return 1 - (1 - self.config.ema_momentum) * (math.cos(math.pi * progress) + 1) / 2
-
-    def teacher_temperature(self) -> float:
-        """Linear warm-up of the teacher temperature (DINO), then constant."""
-        warmup = self.config.teacher_temperature_warmup_steps
-        if warmup <= 0 or int(self.num_teacher_updates) >= warmup:
-            return self.config.teacher_temperature
-        progress = int(self.num_teacher_updates) / warmup
-        start = self.config.teacher_temperature_warmup
-        return start + progress * (self.config.teacher_temperature - start)
-
     @torch.no_grad()
-    def update_teacher(self, total_steps: int) -> float:
-        """teacher <- m * teacher + (1 - m) * student, after an optimizer step; returns the momentum m used."""
-        momentum = self.ema_momentum(total_steps)
-        for student, teacher in self._teacher_pairs():
-            student_params = [p.detach() for p in student.parameters()]
-            torch._foreach_lerp_(list(teacher.parameters()), student_params, 1 - momentum)
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student, after an optimizer step; counts the update
+        (`num_teacher_updates`, the step the training loop's schedules read, saved with the model for exact resume)."""
+        student = self.student_modules()
+        teacher_params = list(self.teacher.parameters())
+        if teacher_params:
+            student_params = [p.detach() for name in self.teacher for p in student[name].parameters()]
+            torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
         self.num_teacher_updates += 1
-        return momentum
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; a checkpoint without teacher weights (e.g. a `UniMedIModel`) gets
-        its teacher copied from the student instead of a random one."""
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, also for checkpoints in the layout before `student`/`teacher`
+        (`LEGACY_KEY_MAPPING`); a checkpoint without teacher weights (e.g. a `UniMedIModel`) gets its teacher copied
+        from the student instead of a random one."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if any(key.startswith("teacher_") for key in info["missing_keys"]):
+        model, info = super().from_pretrained(
+            *args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, output_loading_info=True, **kwargs
+        )
+        if any(key.startswith("teacher.") for key in info["missing_keys"]):
             model.reset_teacher()
         return (model, info) if want_info else model
 
@@ -167,18 +242,17 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
     @property
     def _scoring_encoder(self) -> UniMedIVisionModel:
         """Whose Eq. 1 attention drives selection: the EMA teacher, or the student (no gradient) without SD."""
-        return self.teacher_vision_model if self.config.self_distillation else self.unimedi.vision_model
+        return self.teacher["backbone"] if self.config.self_distillation else self.unimedi.vision_model
 
     def select_slabs(self, volume_values: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Top-k depth slabs per CT by Eq. 1-2 on the scoring encoder, or k random slabs (the VL ablation)."""
-        vision_config = self.config.vision_config
-        grid = tuple(s // p for s, p in zip(volume_values.shape[2:], vision_config.volume_patch_size))
+        """Top-k depth slabs per CT by Eq. 1-2 on the scoring encoder (and their scores), or k random slabs (the VL
+        ablation; no scores)."""
         k = self.config.num_selected_slices
         if self.config.slice_selection == "random":
-            return top_k_indices(torch.rand(volume_values.shape[0], grid[0], device=volume_values.device), k), None
+            num_slabs = volume_values.shape[2] // self.config.vision_config.volume_patch_size[0]
+            return top_k_indices(torch.rand(volume_values.shape[0], num_slabs, device=volume_values.device), k), None
         with torch.no_grad():
-            attention = self._scoring_encoder(volume_values=volume_values, output_cls_attention=True).cls_attention
-        scores = slab_scores_from_attention(attention, grid)
+            scores = self._scoring_encoder.slab_scores(volume_values)
         return top_k_indices(scores, k), scores
 
     def tokens_to_keep(
@@ -192,63 +266,101 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
             scores = torch.rand(batch, num_tokens, device=device)
         return top_k_indices(scores, num_keep).sort(dim=-1).values
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ forward steps
 
-    def _branch(self, pixel_values=None, volume_values=None) -> dict:
+    def forward_branch(self, pixel_values=None, volume_values=None) -> VisionBranch:
         """Teacher/scoring pass on the full input, masking, then the student pass on the kept tokens."""
-        needs_scores = self.config.self_distillation or self.config.token_masking == "attentive"
         teacher = None
-        if needs_scores:
+        if self.config.self_distillation or self.config.token_masking == "attentive":
             with torch.no_grad():
                 teacher = self._scoring_encoder(
                     pixel_values=pixel_values, volume_values=volume_values, output_cls_attention=True
                 )
         reference = volume_values if volume_values is not None else pixel_values
         num_tokens = self.unimedi.vision_model.num_patch_tokens(pixel_values, volume_values)
-        keep = self.tokens_to_keep(
+        kept = self.tokens_to_keep(
             None if teacher is None else teacher.cls_attention, num_tokens, reference.shape[0], reference.device
         )
         student = self.unimedi.vision_model(
-            pixel_values=pixel_values, volume_values=volume_values, keep_token_indices=keep, return_dict=True
+            pixel_values=pixel_values, volume_values=volume_values, keep_token_indices=kept, return_dict=True
         )
-        return {"teacher": teacher, "student": student, "keep": keep, "num_tokens": num_tokens}
+        inputs = {"image_embeddings": pixel_values, "volume_embeddings": volume_values}
+        tokenizers = tuple(name for name, values in inputs.items() if values is not None)
+        return VisionBranch(student, teacher, kept, num_tokens, tokenizers)
 
-    def _self_distillation_losses(self, branches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        temperature_s, temperature_t = self.config.student_temperature, self.teacher_temperature()
-        student_cls = torch.cat([self.cls_head(b["student"].pooler_output) for b in branches])
-        with torch.no_grad():
-            teacher_cls = torch.cat([self.teacher_cls_head(b["teacher"].pooler_output) for b in branches])
-        icl = dino_loss(student_cls, teacher_cls, self.cls_center, temperature_s, temperature_t)
+    def forward_volumes(
+        self, volume_values: torch.Tensor
+    ) -> tuple[VisionBranch, torch.LongTensor | None, torch.Tensor | None]:
+        """§3.2-3.3: select k depth slabs, turn their central slices into pseudo-2D images, and run the CT with its
+        pseudo-images as one sequence. Returns the branch, the selected slabs and their Eq. 2 scores (or None)."""
+        slabs = scores = pseudo_images = None
+        if self.config.num_selected_slices > 0:
+            slabs, scores = self.select_slabs(volume_values)
+            vision_config = self.config.vision_config
+            slices = slab_central_slices(volume_values, slabs, vision_config.volume_patch_size[0])
+            pseudo_images = slices_to_images(slices, vision_config.image_size, vision_config.num_channels)
+        return self.forward_branch(pixel_values=pseudo_images, volume_values=volume_values), slabs, scores
 
-        pcl_terms, teacher_patches = [], []
-        for b in branches:
-            student_patches = self.patch_head(b["student"].last_hidden_state[:, 1:])
-            with torch.no_grad():
-                target_tokens = b["teacher"].last_hidden_state[:, 1:]
-                if b["keep"] is not None:
-                    target_tokens = target_tokens.gather(
-                        1, b["keep"].unsqueeze(-1).expand(-1, -1, target_tokens.shape[-1])
-                    )
-                target = self.teacher_patch_head(target_tokens)
-            pcl_terms.append(
-                dino_loss(student_patches, target, self.patch_center, temperature_s, temperature_t) * target.shape[0]
+    @torch.no_grad()
+    def forward_targets(self, branches: list[VisionBranch]) -> DistillationTargets:
+        """The teacher heads on the teacher's full-view outputs: [CLS], and the patch tokens the student kept."""
+        return DistillationTargets(
+            cls=torch.cat([self.teacher["cls_head"](b.teacher.pooler_output) for b in branches]),
+            patches=[self.teacher["patch_head"](b.teacher_patch_tokens()) for b in branches],
+        )
+
+    def forward_distillation_loss(
+        self, branches: list[VisionBranch], targets: DistillationTargets, teacher_temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_icl on the [CLS] outputs and L_pcl on the kept patch tokens (a per-sample average over branches)."""
+        student_temperature = self.config.student_temperature
+        student_cls = torch.cat([self.student["cls_head"](b.student.pooler_output) for b in branches])
+        icl = dino_loss(student_cls, targets.cls, self.cls_center, student_temperature, teacher_temperature)
+        pcl_terms = [
+            dino_loss(
+                self.student["patch_head"](b.student.last_hidden_state[:, 1:]),
+                target,
+                self.patch_center,
+                student_temperature,
+                teacher_temperature,
             )
-            teacher_patches.append(target.reshape(-1, target.shape[-1]))
-        pcl = torch.stack(pcl_terms).sum() / sum(b["student"].pooler_output.shape[0] for b in branches)
-
-        if self.training:
-            update_center(self.cls_center, teacher_cls, self.config.center_momentum)
-            update_center(self.patch_center, torch.cat(teacher_patches), self.config.center_momentum)
+            * target.shape[0]
+            for b, target in zip(branches, targets.patches)
+        ]
+        pcl = torch.stack(pcl_terms).sum() / sum(b.student.pooler_output.shape[0] for b in branches)
         return icl, pcl
 
-    def _touch_unused_tokenizers(self, loss: torch.Tensor, used: set[str]) -> torch.Tensor:
+    def update_centers(self, targets: DistillationTargets) -> None:
+        """EMA of the DINO centres towards this batch's teacher outputs (after the losses used the current ones)."""
+        update_center(self.cls_center, targets.cls, self.config.center_momentum)
+        patches = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets.patches])
+        update_center(self.patch_center, patches, self.config.center_momentum)
+
+    def _touch_unused_tokenizers(self, loss: torch.Tensor, branches: list[VisionBranch]) -> torch.Tensor:
         """Add 0 x the parameters of tokenizers this batch did not use, so every parameter has a gradient and
         DistributedDataParallel works without `find_unused_parameters` when a rank's share is one modality."""
+        used = {name for b in branches for name in b.tokenizers}
         vision = self.unimedi.vision_model
         for name in ("image_embeddings", "volume_embeddings"):
             if name not in used:
                 loss = loss + 0.0 * sum(p.sum() for p in getattr(vision, name).parameters())
         return loss
+
+    def forward_loss(
+        self,
+        space: UniMedICommonSpace,
+        branches: list[VisionBranch],
+        targets: DistillationTargets | None,
+        teacher_temperature: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The weighted total and its components L_vl, L_icl, L_pcl (the last two None without self-distillation)."""
+        vl_loss = gathered_contrastive_loss(space.vision_embeds, space.text_embeds, space.logit_scale)
+        loss, icl_loss, pcl_loss = self.config.vl_loss_weight * vl_loss, None, None
+        if targets is not None:
+            temperature = self.config.teacher_temperature if teacher_temperature is None else teacher_temperature
+            icl_loss, pcl_loss = self.forward_distillation_loss(branches, targets, temperature)
+            loss = loss + self.config.icl_loss_weight * icl_loss + self.config.pcl_loss_weight * pcl_loss
+        return self._touch_unused_tokenizers(loss, branches), vl_loss, icl_loss, pcl_loss
 
     def forward(
         self,
@@ -257,66 +369,45 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         volume_values: torch.Tensor | None = None,
+        teacher_temperature: float | None = None,
         **kwargs,
     ) -> UniMedIForPreTrainingOutput:
         r"""
         pixel_values (`(num_images, C, H, W)`): X-rays. volume_values (`(num_volumes, 1, D, H, W)`): CTs.
         input_ids / attention_mask / token_type_ids: one report per sample, the X-rays' reports first.
+        teacher_temperature (`float`, *optional*): this step's DINO teacher temperature (the training loop's
+            warm-up schedule); defaults to `config.teacher_temperature`.
         """
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        num_volumes = 0 if volume_values is None else volume_values.shape[0]
-        if num_images + num_volumes == 0:
-            raise ValueError("You have to specify `pixel_values`, `volume_values` or both")
-        if input_ids.shape[0] != num_images + num_volumes:
-            raise ValueError(
-                f"Got {num_images} X-ray(s) and {num_volumes} volume(s) but {input_ids.shape[0]} report(s); pass one "
-                "report per sample, the X-rays' reports first, then the volumes'"
-            )
-        vision_config = self.config.vision_config
-        branches, used = [], set()
-        selected_slabs = slab_scores = None
-        if num_images:
-            branches.append(self._branch(pixel_values=pixel_values))
-            used.add("image_embeddings")
-        if num_volumes:
-            pseudo_images = None
-            if self.config.num_selected_slices > 0:
-                selected_slabs, slab_scores = self.select_slabs(volume_values)
-                slices = slab_central_slices(volume_values, selected_slabs, vision_config.volume_patch_size[0])
-                pseudo_images = slices_to_images(slices, vision_config.image_size, vision_config.num_channels)
-                used.add("image_embeddings")
-            branches.append(self._branch(pixel_values=pseudo_images, volume_values=volume_values))
-            used.add("volume_embeddings")
-
-        text = self.unimedi.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
-        vision_embeds = F.normalize(
-            self.unimedi.visual_projection(torch.cat([b["student"].pooler_output for b in branches])), dim=-1
+        image_branch = None if pixel_values is None else self.forward_branch(pixel_values=pixel_values)
+        volume_branch, slabs, scores = (
+            (None, None, None) if volume_values is None else self.forward_volumes(volume_values)
         )
-        text_embeds = F.normalize(text.pooler_output, dim=-1)
-        vl_loss = gathered_contrastive_loss(vision_embeds, text_embeds, self.unimedi.logit_scale)
-        loss = self.config.vl_loss_weight * vl_loss
-        icl_loss = pcl_loss = None
-        if self.config.self_distillation:
-            icl_loss, pcl_loss = self._self_distillation_losses(branches)
-            loss = loss + self.config.icl_loss_weight * icl_loss + self.config.pcl_loss_weight * pcl_loss
-        loss = self._touch_unused_tokenizers(loss, used)
-
-        masks = [None if b["keep"] is None else keep_mask(b["keep"], b["num_tokens"]) for b in branches]
-        image_mask = masks[0] if num_images else None
-        volume_mask = masks[-1] if num_volumes else None
+        branches = [b for b in (image_branch, volume_branch) if b is not None]
+        space = self.unimedi.embed_batch(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            image_states=None if image_branch is None else image_branch.student.pooler_output,
+            volume_states=None if volume_branch is None else volume_branch.student.pooler_output,
+        )
+        targets = self.forward_targets(branches) if self.config.self_distillation else None
+        loss, vl_loss, icl_loss, pcl_loss = self.forward_loss(space, branches, targets, teacher_temperature)
+        if self.training and targets is not None:
+            self.update_centers(targets)
+        num_images = 0 if image_branch is None else pixel_values.shape[0]
         return UniMedIForPreTrainingOutput(
             loss=loss,
             vl_loss=vl_loss,
             icl_loss=icl_loss,
             pcl_loss=pcl_loss,
-            logits_per_image=self.unimedi.logit_scale.exp() * vision_embeds @ text_embeds.t(),
-            image_embeds=vision_embeds[:num_images] if num_images else None,
-            volume_embeds=vision_embeds[num_images:] if num_volumes else None,
-            text_embeds=text_embeds,
-            slab_scores=slab_scores,
-            selected_slabs=selected_slabs,
-            image_keep_mask=image_mask,
-            volume_keep_mask=volume_mask,
+            logits_per_image=space.logits_per_image,
+            image_embeds=space.vision_embeds[:num_images] if image_branch is not None else None,
+            volume_embeds=space.vision_embeds[num_images:] if volume_branch is not None else None,
+            text_embeds=space.text_embeds,
+            slab_scores=scores,
+            selected_slabs=slabs,
+            image_keep_mask=None if image_branch is None else image_branch.keep_mask(),
+            volume_keep_mask=None if volume_branch is None else volume_branch.keep_mask(),
         )
 
 

@@ -4,6 +4,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_unimedi import UniMedIImageProcessor
+from .loading_unimedi import checked_bool
 from .report_processing_unimedi import prepare_reports
 from .volume_processing_unimedi import UniMedIVolumeProcessor
 
@@ -46,7 +47,7 @@ class UniMedIProcessor(ProcessorMixin):
             raise ValueError(f"max_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
         self.volume_processor = _as_volume_processor(volume_processor)
         self.max_length = max_length
-        self.clean_reports = bool(clean_reports)
+        self.clean_reports = checked_bool("clean_reports", clean_reports)
         super().__init__(image_processor, tokenizer)
 
     def __call__(

@@ -69,11 +69,21 @@ _ABBREVIATIONS = frozenset(
 )
 _INITIALISM = re.compile(r"^(?:[A-Za-z]\.){2,}$")  # "e.g.", "i.e.", "a.m."
 _LIST_NUMBER = re.compile(r"(?:^|(?<=\s))\d{1,2}\.(?=\s)")  # "1. ", "2. ": an enumerated item starts a sentence
+# Unicode categories `clean_report` replaces: control characters (tabs, NUL, ...) by a space, format characters by "".
+_INVISIBLE = {"Cc": " ", "Cf": ""}
 
 
 def as_text(report: str | bytes, where: str = "report") -> str:
-    """A report as `str`: bytes are decoded as strict UTF-8 so undecodable input fails loudly instead of silently."""
+    """A report as `str`: bytes are decoded as strict UTF-8 so undecodable input fails loudly instead of silently, and
+    a `str` holding a lone surrogate (not valid Unicode; the tokenizer cannot encode it) is refused."""
     if isinstance(report, str):
+        try:
+            report.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"{where} holds a lone surrogate U+{ord(report[error.start]):04X} at position {error.start}, which is "
+                "not valid Unicode text"
+            ) from None
         return report
     if isinstance(report, (bytes, bytearray)):
         try:
@@ -89,16 +99,23 @@ def _collapse_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a letter, digit, punctuation mark or symbol: a report of only spaces or invisible
+    characters (zero-width space, BOM, soft hyphen, combining marks) tokenises to nothing but [CLS] [SEP]."""
+    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
+
+
 def clean_report(text: str | bytes) -> str:
     """Report text as the text encoder should see it.
 
-    NFKC-normalises Unicode (non-breaking spaces, ligatures), drops control characters and de-identification
+    NFKC-normalises Unicode (non-breaking spaces, ligatures), drops control and invisible format characters
+    (zero-width space, BOM, soft hyphen, direction marks) and de-identification
     placeholders (MIMIC's "___", Open-i's "XXXX") with the empty brackets they leave, collapses whitespace, removes
     spaces before punctuation, collapses runs of punctuation to the strongest mark ("disease. ." -> "disease."), and
     strips punctuation left at the start. Case is kept (BioClinicalBERT is cased). Returns "" when nothing is left.
     """
     text = unicodedata.normalize("NFKC", as_text(text))
-    text = "".join(" " if unicodedata.category(char) == "Cc" else char for char in text)
+    text = "".join(_INVISIBLE.get(unicodedata.category(char), char) for char in text)
     text = _EMPTY_BRACKETS.sub(" ", _DEID_TOKEN.sub(" ", text))
     text = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", _collapse_whitespace(text))
     text = _PUNCTUATION_RUN.sub(_strongest_punctuation, text)
@@ -178,8 +195,8 @@ def join_sections(sections: dict[str, str]) -> str:
     Header words are left out: they carry no content and headerless sources (translated BIMCV reports) have none,
     so keeping them would mark X-ray and CT text apart. Raises ValueError when both sections are empty after cleaning.
     """
-    parts = [_end_sentence(clean_report(sections.get(name, ""))) for name in (FINDINGS, IMPRESSION)]
-    text = " ".join(part for part in parts if part)
+    parts = [clean_report(sections.get(name, "")) for name in (FINDINGS, IMPRESSION)]
+    text = " ".join(_end_sentence(part) for part in parts if has_visible_text(part))
     if not text:
         raise ValueError("report has no FINDINGS or IMPRESSION text")
     return text
@@ -198,8 +215,8 @@ def report_text(report: str | bytes) -> str:
     or whitespace-only report.
     """
     text = as_text(report)
-    if not text.strip():
-        raise ValueError("report is empty")
+    if not has_visible_text(text):
+        raise ValueError("report is empty or has no visible characters")
     headers = _find_headers(text)
     return join_sections(_sections_of(text, headers) if headers else {FINDINGS: text})
 
@@ -242,7 +259,8 @@ def prepare_reports(reports, clean: bool = True) -> list[str]:
     """Validated report strings for tokenisation, one per sample, optionally cleaned with `clean_report`.
 
     Accepts one report or a list/tuple of them; each must be `str` or UTF-8 `bytes` (`as_text`). None, other types
-    and reports that are empty or whitespace-only (after cleaning, when `clean`) raise an error naming the sample.
+    and reports without a visible character (empty, whitespace or invisible characters only; after cleaning, when
+    `clean`) raise an error naming the sample.
     """
     if isinstance(reports, (str, bytes, bytearray)):
         reports = [reports]
@@ -257,9 +275,10 @@ def prepare_reports(reports, clean: bool = True) -> list[str]:
             raise ValueError(f"{where} is None: every sample needs a report")
         text = as_text(report, where)
         text = clean_report(text) if clean else text
-        if not text.strip():
+        if not has_visible_text(text):
             raise ValueError(
-                f"{where} is empty or whitespace-only{' after cleaning' if clean else ''}: {report!r:.60}"
+                f"{where} is empty or whitespace-only{' after cleaning' if clean else ''} (no visible character): "
+                f"{report!r:.60}"
             )
         texts.append(text)
     return texts
@@ -273,6 +292,7 @@ __all__ = [
     "clean_report",
     "count_sentences",
     "extract_sections",
+    "has_visible_text",
     "join_sections",
     "openi_sections",
     "prepare_reports",

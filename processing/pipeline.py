@@ -23,7 +23,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, load_ct
+from modeling_unimedi.loading_unimedi import load_ct
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 from .schema import ct_record
 from .shards import write_shards

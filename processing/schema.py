@@ -11,7 +11,7 @@ import json
 import numpy as np
 from datasets import Features, Image, Sequence, Value
 
-from modeling_unimedi.volume_processing_unimedi import CANONICAL_ORIENTATION
+from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION
 
 XRAY = "xray"
 CT = "ct"

@@ -106,7 +106,7 @@ def check_gradient() -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     local = slice(rank * 4, rank * 4 + 4)
     loss = gathered_contrastive_loss(
-        embed(images[local], image_weights), embed(texts[local], text_weights), logit_scale
+        embed(images[local], image_weights), embed(texts[local], text_weights), logit_scale.exp()
     )
     gradients = torch.autograd.grad(loss, parameters)
     for gradient in gradients:  # what DistributedDataParallel does
@@ -188,11 +188,15 @@ def check_mean_loss() -> dict:
     from training.engine import train_one_step
 
     class RankLoss(torch.nn.Module):
+        config = SimpleNamespace(teacher_temperature=0.04, teacher_temperature_warmup=0.04)
+        config.teacher_temperature_warmup_steps = 0
+        num_teacher_updates = 0
+
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, teacher_temperature):
             loss = self.weight * (dist.get_rank() + 1)
             return SimpleNamespace(loss=loss, vl_loss=loss, icl_loss=None, pcl_loss=None)
 

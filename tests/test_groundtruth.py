@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 from modeling_unimedi.report_processing_unimedi import count_sentences
-from modeling_unimedi.volume_processing_unimedi import CANONICAL_ORIENTATION
+from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION
 from processing.groundtruth.__main__ import main
 from processing.groundtruth.drr import Pose, XrayLook, line_integral, radiograph
 from processing.groundtruth.generator import (

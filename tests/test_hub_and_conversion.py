@@ -11,7 +11,7 @@ import torch
 from tiny_configs import TINY_VISION, minilm_path, tiny_config
 
 from modeling_unimedi import UniMedIConfig, UniMedIModel
-from modeling_unimedi.convert_unimedi import inflate_patch_kernel
+from modeling_unimedi.convert_unimedi import inflate_patch_kernel, unimedi_from_pretrained_parts
 
 
 def run_python(code: str, cwd, **env) -> str:
@@ -87,6 +87,48 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert module.startswith("transformers_modules.") and same == "True"
 
 
+def test_pretraining_model_remote_code_loads_without_the_package(tmp_path):
+    """The pretraining export (student, EMA teacher, heads, centres) round-trips through remote code: same losses."""
+    from modeling_unimedi import UniMedIForPreTraining
+
+    torch.manual_seed(0)
+    config = tiny_config(dino_out_dim=32, dino_hidden_dim=16, dino_bottleneck_dim=8, num_selected_slices=1)
+    model = UniMedIForPreTraining(config).eval()
+    with torch.no_grad():  # a teacher and centres of their own, as after training
+        for param in model.teacher.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        model.cls_center.normal_()
+    model.save_pretrained(tmp_path / "export")
+    inputs = {
+        "input_ids": torch.randint(1, 100, (2, 7)),
+        "pixel_values": torch.rand(1, 3, 32, 32),
+        "volume_values": torch.rand(1, 1, 8, 32, 32),
+    }
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.inference_mode():
+        expected = model(**inputs)
+    out = run_python(
+        f"""
+        import sys
+        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
+        import torch
+        from transformers import AutoModelForPreTraining
+        model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "export")!r}, trust_remote_code=True).eval()
+        with torch.inference_mode():
+            out = model(**torch.load({str(tmp_path / "inputs.pt")!r}))
+        print(type(model).__name__, out.vl_loss.item(), out.icl_loss.item(), out.pcl_loss.item())
+        """,
+        cwd=tmp_path,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        HF_HUB_OFFLINE="1",
+    )
+    name, *losses = out.split()
+    assert name == "UniMedIForPreTraining"
+    assert [float(x) for x in losses] == pytest.approx(
+        [expected.vl_loss.item(), expected.icl_loss.item(), expected.pcl_loss.item()], rel=1e-5
+    )
+
+
 def test_from_pretrained_hub_id_through_offline_cache(tmp_path):
     """`from_pretrained("org/unimedi-vitb16")` resolves from a Hub cache layout with HF_HUB_OFFLINE=1."""
     folder = _save_with_reference(tmp_path)
@@ -128,9 +170,7 @@ def test_timm_checkpoint_conversion_reproduces_timm(tmp_path):
     ).eval()
     path = tmp_path / "vit_tiny.safetensors"
     save_file(vit.state_dict(), path)
-    model = UniMedIModel.from_pretrained_parts(
-        path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config
-    )
+    model = unimedi_from_pretrained_parts(path, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
     vision = model.vision_model.eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.inference_mode():
@@ -155,7 +195,7 @@ def test_timm_conversion_rejects_mismatched_depth():
         img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=4, num_classes=0
     )
     with pytest.raises(ValueError, match="3 blocks"):
-        UniMedIModel.from_pretrained_parts(vit, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
+        unimedi_from_pretrained_parts(vit, vision_config=dict(TINY_VISION), text_config=tiny_config().text_config)
 
 
 def test_real_pretrained_text_encoder_is_loaded_intact():
@@ -163,7 +203,7 @@ def test_real_pretrained_text_encoder_is_loaded_intact():
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    model = UniMedIModel.from_pretrained_parts(text_checkpoint=path, vision_config=dict(TINY_VISION)).eval()
+    model = unimedi_from_pretrained_parts(text_checkpoint=path, vision_config=dict(TINY_VISION)).eval()
     assert model.config.text_config.hidden_size == 384 and model.config.text_config.num_hidden_layers == 6
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModel.from_pretrained(path).eval()

@@ -7,7 +7,8 @@ import pydicom
 import torch
 from PIL import Image
 
-from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor, load_xray
+from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
+from modeling_unimedi.loading_unimedi import load_xray
 
 
 def reference_pipeline(image: Image.Image) -> np.ndarray:

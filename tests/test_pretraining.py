@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from tiny_configs import TINY_TEXT, TINY_VISION
 
 from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
+from training import schedules
 
 VISION = dict(TINY_VISION, volume_size=(16, 32, 32))  # 4 depth slabs of 4 slices, 2x2 tokens each
 HEADS = dict(dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16)
@@ -43,7 +44,7 @@ def model():
 def test_slab_scores_equal_eager_attention_average(model):
     inputs = mixed_batch(0, 2)
     out = model(**inputs)
-    teacher = model.teacher_vision_model
+    teacher = model.teacher["backbone"]
     teacher.set_attn_implementation("eager")
     with torch.no_grad():
         attentions = teacher(volume_values=inputs["volume_values"], output_attentions=True).attentions
@@ -51,10 +52,12 @@ def test_slab_scores_equal_eager_attention_average(model):
     expected = cls_row.reshape(2, 4, 4).mean(dim=-1)
     assert torch.allclose(out.slab_scores, expected, atol=1e-5)
     assert torch.equal(out.selected_slabs, expected.topk(2).indices)
+    with torch.no_grad():  # the public Eq. 1-2 method that selection (and evaluation) call
+        assert torch.allclose(teacher.slab_scores(inputs["volume_values"]), expected, atol=1e-5)
 
 
 def test_planted_slab_is_selected_and_becomes_the_pseudo_image(model, monkeypatch):
-    teacher = model.teacher_vision_model
+    teacher = model.teacher["backbone"]
     original_forward = teacher.forward
     planted = torch.tensor([3, 1])
 
@@ -90,7 +93,7 @@ def test_keep_mask_holds_exactly_the_highest_attention_tokens(model):
     inputs = mixed_batch(2, 0)
     out = model(**inputs)
     with torch.no_grad():
-        scores = model.teacher_vision_model(
+        scores = model.teacher["backbone"](
             pixel_values=inputs["pixel_values"], output_cls_attention=True
         ).cls_attention
     num_keep = round(scores.shape[1] * (1 - model.config.mask_ratio))
@@ -110,21 +113,16 @@ def test_volume_keep_mask_covers_ct_and_slice_tokens(model):
 def test_teacher_has_no_gradients_and_follows_the_ema_rule(model):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**mixed_batch()).loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.teacher_vision_model.parameters())
-    assert all(p.grad is None for p in model.teacher_cls_head.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher["backbone"].parameters())
+    assert all(p.grad is None for p in model.teacher["cls_head"].parameters())
     optimizer.step()
-    before = {n: p.clone() for n, p in model.teacher_vision_model.named_parameters()}
+    before = {n: p.clone() for n, p in model.teacher["backbone"].named_parameters()}
     student = dict(model.unimedi.vision_model.named_parameters())
     assert any(not torch.equal(before[n], student[n]) for n in before)  # the optimizer moved the student
-    momentum = model.update_teacher(total_steps=10)
-    assert momentum == pytest.approx(0.996)
-    for name, param in model.teacher_vision_model.named_parameters():
-        assert torch.allclose(param, momentum * before[name] + (1 - momentum) * student[name], atol=1e-7), name
-    # cosine schedule: the momentum rises to 1 at the end of training
-    model.num_teacher_updates.fill_(10)
-    assert model.ema_momentum(10) == pytest.approx(1.0)
-    model.num_teacher_updates.fill_(5)
-    assert model.ema_momentum(10) == pytest.approx(0.998)
+    model.update_teacher(0.9)
+    assert int(model.num_teacher_updates) == 1
+    for name, param in model.teacher["backbone"].named_parameters():
+        assert torch.allclose(param, 0.9 * before[name] + 0.1 * student[name], atol=1e-7), name
 
 
 def _train(model, inputs, lr, steps):
@@ -135,7 +133,7 @@ def _train(model, inputs, lr, steps):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        model.update_teacher(total_steps=1000)
+        model.update_teacher(schedules.ema_momentum(model.config, int(model.num_teacher_updates), 1000))
         history.append(
             {
                 k: getattr(out, k).item()
@@ -171,7 +169,7 @@ def test_ablation_settings_run(setting):
     model = UniMedIForPreTraining(pretraining_config(setting)).train()
     out = model(**mixed_batch())
     out.loss.backward()
-    has_teacher = hasattr(model, "teacher_vision_model")
+    has_teacher = "backbone" in model.teacher
     assert has_teacher == (setting != "vl")
     assert (out.icl_loss is None) == (setting == "vl")
     assert (out.slab_scores is None) == (setting != "vl+sd+attn")
@@ -190,8 +188,11 @@ def test_single_modality_batches_give_every_parameter_a_gradient(model, num_imag
 
 def test_save_pretraining_then_load_inference_model(model, tmp_path):
     model.save_pretrained(tmp_path)
-    inference = UniMedIModel.from_pretrained(tmp_path).eval()
-    assert not any(k.startswith(("teacher", "cls_head", "patch_head")) for k in inference.state_dict())
+    inference, info = UniMedIModel.from_pretrained(tmp_path, output_loading_info=True)
+    inference.eval()
+    assert info["missing_keys"] == set()
+    left_out = ("student.", "teacher.", "cls_center", "patch_center", "num_teacher_updates")
+    assert info["unexpected_keys"] and all(key.startswith(left_out) for key in info["unexpected_keys"])
     student = model.unimedi.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in inference.state_dict().items())  # the same weights, bit for bit
     model.eval()
@@ -210,7 +211,101 @@ def test_pretraining_from_an_inference_checkpoint_copies_student_into_teacher(tm
     UniMedIModel(pretraining_config()).save_pretrained(tmp_path)
     model = UniMedIForPreTraining.from_pretrained(tmp_path)
     student = model.unimedi.vision_model.state_dict()
-    assert all(torch.equal(v, student[k]) for k, v in model.teacher_vision_model.state_dict().items())
+    assert all(torch.equal(v, student[k]) for k, v in model.teacher["backbone"].state_dict().items())
+
+
+def test_state_dict_holds_the_student_backbone_once(model):
+    state = model.state_dict()
+    prefixes = {
+        key.split(".")[0] + "." + key.split(".")[1] for key in state if key.startswith(("student.", "teacher."))
+    }
+    assert prefixes == {
+        "student.cls_head",
+        "student.patch_head",
+        "teacher.backbone",
+        "teacher.cls_head",
+        "teacher.patch_head",
+    }
+    assert len({tensor.data_ptr() for tensor in state.values()}) == len(state)  # no module registered twice
+
+
+def _legacy_layout(state: dict) -> dict:
+    """The state dict as checkpoints saved it before `student`/`teacher` (three `teacher_*` attributes)."""
+    renames = {"teacher.backbone.": "teacher_vision_model.", "teacher.": "teacher_", "student.": ""}
+    old = {}
+    for key, value in state.items():
+        new_prefix = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        if new_prefix is not None:
+            key = renames[new_prefix] + key[len(new_prefix) :]
+        old[key] = value.clone()
+    return old
+
+
+def test_checkpoints_in_the_old_layout_still_load(model, tmp_path):
+    from safetensors.torch import save_file
+
+    with torch.no_grad():  # a teacher and centres that differ from a fresh copy of the student
+        for param in model.teacher.parameters():
+            param.add_(torch.randn_like(param))
+        model.cls_center.normal_()
+    model.num_teacher_updates.fill_(7)
+    expected = model.state_dict()
+    old = _legacy_layout(expected)
+    assert {"teacher_vision_model", "teacher_cls_head", "teacher_patch_head", "cls_head", "patch_head"} <= {
+        key.split(".")[0] for key in old
+    }
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = UniMedIForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in expected.items())
+    # resuming a training checkpoint goes through `load_state_dict` (accelerate), not `from_pretrained`
+    resumed = UniMedIForPreTraining(model.config)
+    resumed.load_state_dict(old)
+    assert all(torch.equal(value, resumed.state_dict()[key]) for key, value in expected.items())
+
+
+def test_teacher_temperature_comes_from_the_caller(model):
+    model.eval()  # no centre update between the calls
+    inputs = mixed_batch(seed=2)
+    default = model(**inputs)
+    explicit = model(**inputs, teacher_temperature=model.config.teacher_temperature)
+    sharper = model(**inputs, teacher_temperature=0.01)
+    assert torch.equal(default.icl_loss, explicit.icl_loss) and torch.equal(default.pcl_loss, explicit.pcl_loss)
+    assert not torch.isclose(sharper.icl_loss, default.icl_loss)
+    assert torch.equal(sharper.vl_loss, default.vl_loss)
+
+
+def test_schedules_follow_dino():
+    config = pretraining_config(
+        ema_momentum=0.99,
+        teacher_temperature=0.07,
+        teacher_temperature_warmup=0.04,
+        teacher_temperature_warmup_steps=10,
+    )
+    momenta = [schedules.ema_momentum(config, step, 100) for step in (0, 50, 100, 150)]
+    assert momenta == pytest.approx([0.99, 0.995, 1.0, 1.0])
+    temperatures = [schedules.teacher_temperature(config, step) for step in (0, 5, 10, 20)]
+    assert temperatures == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    assert schedules.teacher_temperature(pretraining_config(teacher_temperature_warmup_steps=0), 0) == 0.07
+
+
+def test_report_count_is_checked_as_in_the_inference_model(model):
+    inputs = mixed_batch(2, 1)
+    with pytest.raises(ValueError, match=r"2 X-ray\(s\) and 1 volume\(s\) but 2 report\(s\)"):
+        model(**{**inputs, "input_ids": inputs["input_ids"][:2]})
+    with pytest.raises(ValueError, match="`pixel_values`, `volume_values` or both"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_centres_update_as_an_explicit_training_step(model):
+    inputs = mixed_batch()
+    model.eval()
+    model(**inputs)
+    assert not model.cls_center.any() and not model.patch_center.any()  # evaluation leaves the centres alone
+    model.train()
+    model(**inputs)
+    assert model.cls_center.any() and model.patch_center.any()
 
 
 # ---------------------------------------------------------------- two processes, one modality each
@@ -229,7 +324,7 @@ def _ddp_worker(rank, world_size, port, result_dir):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        model.update_teacher(total_steps=10)
+        model.update_teacher(schedules.ema_momentum(model.config, int(model.num_teacher_updates), 10))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(state, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -14,9 +14,10 @@ from transformers import AutoImageProcessor, AutoProcessor
 
 from modeling_unimedi import UniMedIModel
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
+from modeling_unimedi.loading_unimedi import load_ct
 from modeling_unimedi.processing_unimedi import DEFAULT_MAX_LENGTH, UniMedIProcessor
 from modeling_unimedi.report_processing_unimedi import clean_report
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, load_ct
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 REPORTS = [
     "The lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor, load_xray
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, load_ct
+from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
+from modeling_unimedi.loading_unimedi import load_ct, load_xray
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 GRID = (32, 128, 128)
 

@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
-from modeling_unimedi.volume_processing_unimedi import (
-    CANONICAL_ORIENTATION,
-    CTVolume,
-    UniMedIVolumeProcessor,
-    load_ct,
-)
+from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION, CTVolume, load_ct
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 GRID = (32, 128, 128)
 LEFT_LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left")
@@ -262,10 +258,6 @@ def test_default_settings_round_trip(tmp_path):
 
 
 def test_grid_spacing_describes_the_resampled_grid():
-    import numpy as np
-
-    from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
-
     ct = CTVolume(hu=np.zeros((64, 256, 200), np.float32), spacing=(2.5, 0.7, 0.8), source="<array>")
     assert UniMedIVolumeProcessor().grid_spacing(ct) == pytest.approx((5.0, 1.4, 1.25))
     # field of view is preserved: grid size x grid spacing == source size x source spacing

@@ -187,7 +187,10 @@ class MixedBatches:
 
 
 class PretrainCollator:
-    """Records -> model inputs through `UniMedIProcessor` (X-rays first, then CTs, reports in the same order)."""
+    """Records -> model inputs through `UniMedIProcessor` (X-rays first, then CTs, reports in the same order).
+
+    CT records hold int16 HU already on the processor grid, so the volume processor only windows them (`window_grid`).
+    """
 
     def __init__(self, processor, training: bool = True):
         self.processor = processor

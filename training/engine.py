@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training import checkpointing
+from training import checkpointing, schedules
 from training.config import PretrainConfig
 from training.data import MixedBatches, PretrainCollator
 
@@ -90,10 +90,11 @@ def train_one_step(run: TrainingRun) -> tuple[dict[str, float | None], int]:
     accumulation = run.config.gradient_accumulation_steps
     totals, samples = torch.zeros(len(LOSS_KEYS), dtype=torch.float64), 0
     present = [False] * len(LOSS_KEYS)
+    temperature = schedules.teacher_temperature(pretraining_config(run), teacher_step(run))
     for _ in range(accumulation):
         inputs = run.collate(*run.batches.next_batch()).to(accelerator.device)
         with accelerator.accumulate(model):
-            out = model(**inputs)
+            out = model(**inputs, teacher_temperature=temperature)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and run.config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm)
@@ -108,9 +109,19 @@ def train_one_step(run: TrainingRun) -> tuple[dict[str, float | None], int]:
     return {key: totals[i].item() if present[i] else None for i, key in enumerate(LOSS_KEYS)}, samples
 
 
+def pretraining_config(run: TrainingRun):
+    return run.accelerator.unwrap_model(run.model).config
+
+
+def teacher_step(run: TrainingRun) -> int:
+    """The schedules' step: the teacher updates so far, saved with the model, so a resumed run continues exactly."""
+    return int(run.accelerator.unwrap_model(run.model).num_teacher_updates)
+
+
 def update_teacher(run: TrainingRun) -> dict[str, float]:
     """The EMA teacher follows the student after every optimizer step; returns the schedule values to log."""
-    momentum = run.accelerator.unwrap_model(run.model).update_teacher(run.total_steps)
+    momentum = schedules.ema_momentum(pretraining_config(run), teacher_step(run), run.total_steps)
+    run.accelerator.unwrap_model(run.model).update_teacher(momentum)
     return {"ema_momentum": momentum}
 
 

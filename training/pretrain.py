@@ -27,7 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
+from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining
+from modeling_unimedi.convert_unimedi import unimedi_from_pretrained_parts
 from modeling_unimedi.image_processing_unimedi import UniMedIImageProcessor
 from modeling_unimedi.processing_unimedi import UniMedIProcessor
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
@@ -62,7 +63,7 @@ def ensure_default_data(config: PretrainConfig) -> None:
 
 def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
     """A new pretraining model: the ablation's switches, config overrides, and pretrained parts if given."""
-    parts = UniMedIModel.from_pretrained_parts(
+    parts = unimedi_from_pretrained_parts(
         resolve(config.vision_checkpoint), resolve(config.text_checkpoint), **config.model_config
     )
     # The ablation switches are pretraining-only fields: the parts' weights fit every row of Table 7.

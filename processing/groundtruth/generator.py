@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling_unimedi.volume_processing_unimedi import CTVolume, UniMedIVolumeProcessor
+from modeling_unimedi.loading_unimedi import CTVolume
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 from ..schema import CT, XRAY, ct_record, xray_record
 from ..shards import write_shards

@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from scipy.special import expit
 
-from modeling_unimedi.volume_processing_unimedi import load_ct
+from modeling_unimedi.loading_unimedi import load_ct
 
 from ..samples import sample_path
 from .reports import CONSOLIDATION, LEFT, LOBES, NODULE, PLEURAL_EFFUSION, RIGHT, side_of

@@ -8,7 +8,6 @@ import torch
 import transformers
 
 from modeling_unimedi import UniMedIModel, UniMedIProcessor
-from modeling_unimedi.pretraining_unimedi import slab_scores_from_attention
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot
 from processing.schema import CT, XRAY, decode_volume
 from processing.shards import stream_split
@@ -90,10 +89,8 @@ def slab_scores(model: UniMedIModel, processor: UniMedIProcessor, volumes: list,
 
     The encoder is the saved student: `final/` keeps no EMA teacher, whose attention selected slabs in training.
     """
-    grid = model.config.vision_config.volume_grid
     scores = []
     for start in range(0, len(volumes), batch_size):
         inputs = processor(volumes=volumes[start : start + batch_size]).to(model.device)
-        attention = model.vision_model(volume_values=inputs["volume_values"], output_cls_attention=True).cls_attention
-        scores.append(slab_scores_from_attention(attention.float(), grid).cpu())
+        scores.append(model.vision_model.slab_scores(inputs["volume_values"]).float().cpu())
     return torch.cat(scores)

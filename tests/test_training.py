@@ -115,6 +115,12 @@ def test_config_file_and_overrides(tmp_path):
         load_config(path, ["batch_size"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml", [])
+    from training.config import parse_args
+
+    assert parse_args(["--resume"]).resume is True
+    assert parse_args(["--resume", "out/checkpoints/step-00000040", "max_steps=9"]).resume.endswith("step-00000040")
+    resumed = parse_args(["--resume", "max_steps=9"])  # an override after a bare --resume stays an override
+    assert (resumed.resume, resumed.max_steps) == (True, 9)
 
 
 def test_text_encoder_gets_its_own_learning_rate():

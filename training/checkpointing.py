@@ -218,6 +218,8 @@ def resume(accelerator: Accelerator, source: Path, batches, scheduler, config: P
     pickles = sorted(p.name for p in folder.rglob("*.pkl"))
     if pickles:
         raise ValueError(f"--resume {folder}: refusing a checkpoint that holds pickle files {pickles}")
+    if not (folder / SETTINGS).is_file():
+        raise ValueError(f"--resume {folder}: the checkpoint holds no {SETTINGS} (written by an older version)")
     saved = json.loads((folder / SETTINGS).read_text())
     changes = settings_changed_on_resume(saved, {**config.to_dict(), "num_processes": accelerator.num_processes})
     if changes:

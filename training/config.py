@@ -142,6 +142,9 @@ def parse_args(argv=None) -> PretrainConfig:
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume max_steps=200`: an override, not a checkpoint
+        args.resume = True
     config = load_config(args.config, args.overrides)
     if args.resume:
         config.resume = args.resume

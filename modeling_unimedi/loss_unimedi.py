@@ -22,32 +22,37 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
 
 
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_gather
+def _gather_keeping_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, detached except this rank's own, whose gradient is multiplied by the world size.
 
-    return torch.cat(all_gather(tensor), dim=0)
+    The gather runs in the forward only, so the backward has no collective to interleave with DDP's all-reduces (ranks
+    with different modality mixes reach the loss's backward at different points). Every rank computes the whole
+    global loss, so its gradient for its own rows is already the full-batch one; DDP then averages over ranks, which
+    the world-size factor undoes: parameters get exactly the single-process full-batch gradient.
+    """
+    world_size = dist.get_world_size()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.detach().contiguous())
+    gathered[dist.get_rank()] = tensor * world_size - tensor.detach() * (world_size - 1)  # value: tensor
+    return torch.cat(gathered, dim=0)
 
 
 def gathered_contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """L_vl with negatives from all ranks (open_clip's "local loss" with gradients through the gather).
+    """L_vl over the global batch: negatives from all ranks, no collective in the backward.
 
-    Each rank scores its own images against every rank's texts and its own texts against every rank's images, so the
-    loss sees the global batch while computing only a (local x global) block. Embeddings must be L2-normalised and
-    every rank must hold the same number of samples; `logit_scale` is the exponentiated inverse temperature (as
-    open_clip's `ClipLoss` takes it). Without an initialised process group this is the plain loss.
+    Each rank gathers every rank's (detached) embeddings and computes the global (global x global) loss, the same
+    value on every rank; only its own rows carry gradients (see `_gather_keeping_local_grad`). Embeddings must be
+    L2-normalised and every rank must hold the same number of samples; `logit_scale` is the exponentiated inverse
+    temperature (as open_clip's `ClipLoss` takes it). Without an initialised process group this is the plain loss.
     """
     check_one_report_per_sample(image_embeds.shape[0], text_embeds.shape[0])
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
-    all_images = _gather_with_grad(image_embeds)
-    all_texts = _gather_with_grad(text_embeds)
-    offset = dist.get_rank() * image_embeds.shape[0]
-    image_to_text = logit_scale * image_embeds @ all_texts.t()
-    text_to_image = logit_scale * text_embeds @ all_images.t()
-    targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
-    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
+    all_images = _gather_keeping_local_grad(image_embeds)
+    all_texts = _gather_keeping_local_grad(text_embeds)
+    return contrastive_loss(logit_scale * all_images @ all_texts.t())
 
 
 def dino_loss(

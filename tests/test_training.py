@@ -3,8 +3,11 @@
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +115,12 @@ def test_config_file_and_overrides(tmp_path):
         load_config(path, ["batch_size"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml", [])
+    from training.config import parse_args
+
+    assert parse_args(["--resume"]).resume is True
+    assert parse_args(["--resume", "out/checkpoints/step-00000040", "max_steps=9"]).resume.endswith("step-00000040")
+    resumed = parse_args(["--resume", "max_steps=9"])  # an override after a bare --resume stays an override
+    assert (resumed.resume, resumed.max_steps) == (True, 9)
 
 
 def test_text_encoder_gets_its_own_learning_rate():
@@ -219,6 +228,10 @@ def test_incomplete_and_corrupted_checkpoints_are_skipped(tmp_path):
     unsealed.mkdir()
     (unsealed / "model.safetensors").write_bytes(b"partial")
     assert checkpointing.latest_complete(tmp_path).name == "step-00000002"
+    broken = checkpointing.checkpoint_dir(tmp_path, 2) / checkpointing.MANIFEST
+    for manifest in ("null", '{"files": []}', '{"files": {}}', '{"files": {"x": null}}', '{"files": {"x": 1}}'):
+        broken.write_text(manifest)  # damaged manifests mark the checkpoint broken, never crash the search
+        assert checkpointing.latest_complete(tmp_path) is None, manifest
 
 
 # ---------------------------------------------------------------- end to end
@@ -288,6 +301,8 @@ def test_vl_only_ablation_trains(tmp_path):
     run_training(tiny_run_args(data, tmp_path / "vl", ablation="vl", max_steps=2, save_every_steps=2))
     logged = losses(tmp_path / "vl")
     assert set(logged[2]) >= {"loss", "vl_loss"} and "icl_loss" not in logged[2]
+    # the rate each step's update used: cosine over 2 steps without warm-up starts at the full rate
+    assert [logged[step]["lr"] for step in (1, 2)] == pytest.approx([1e-3, 5e-4])
 
 
 def test_build_model_takes_the_ablation_row_with_overrides_on_top(tmp_path):
@@ -351,3 +366,182 @@ def test_streams_read_shards_that_mix_modalities(tmp_path):
     inputs = PretrainCollator(processor)(xrays, cts)
     assert inputs["pixel_values"].shape[0] == 3 and inputs["volume_values"].shape[0] == 1
     batches.close()
+
+
+# ---------------------------------------------------------------- resuming safely
+
+
+class WritesMarker:
+    """Unpickling this runs code: it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def reseal(folder):
+    """Rewrite a checkpoint's manifest after tampering, as anyone who can write the folder can."""
+    tmp = folder.with_name(".tmp-" + folder.name)
+    folder.rename(tmp)
+    (tmp / checkpointing.MANIFEST).unlink()
+    checkpointing.finalize(tmp, folder, int(folder.name.split("-")[1]))
+
+
+def run_expecting_refusal(args, match):
+    command = [sys.executable, "-m", "training.pretrain"] + args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd(), check=False)
+    assert done.returncode != 0 and match in done.stderr, done.stderr[-3000:]
+
+
+def test_resume_never_unpickles_and_refuses_changed_settings(tmp_path):
+    import pickle
+
+    data = fabricated_shards(tmp_path / "data")
+    output = tmp_path / "run"
+    args = tiny_run_args(data, output, max_steps=4, stop_after_step=2)
+    run_training(args)
+    checkpoint = output / "checkpoints" / "step-00000002"
+    assert not list(checkpoint.glob("*.pkl"))
+    marker = tmp_path / "marker"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(checkpoint, pristine)
+
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):  # the pickles Accelerate would load
+        (checkpoint / name).write_bytes(pickle.dumps(WritesMarker(marker)))
+    reseal(checkpoint)
+    run_expecting_refusal(args + ["--resume"], "refusing a checkpoint that holds pickle files")
+    assert not marker.exists()
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    torch.save({"state": WritesMarker(marker)}, checkpoint / "optimizer.bin", _use_new_zipfile_serialization=True)
+    reseal(checkpoint)
+    run_expecting_refusal(args + ["--resume"], "refusing unsafe content in the optimizer state")
+    assert not marker.exists()
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    changed = tiny_run_args(data, output, max_steps=4, learning_rate=5e-4, shuffle_buffer=4)
+    run_expecting_refusal(changed + ["--resume"], "learning_rate: 0.001 -> 0.0005; shuffle_buffer: 8 -> 4")
+    # allowed overrides (a longer run, other logging), from a checkpoint given by path
+    run_training(tiny_run_args(data, output, max_steps=5, log_every_steps=2) + ["--resume", str(checkpoint)])
+    assert sorted(losses(output)) == [1, 2, 3, 4, 5] and not marker.exists()
+
+
+def test_ranks_get_equal_epochs_and_open_only_their_shards(tmp_path, monkeypatch):
+    """12 CTs in shards of 8 and 4, 24 X-rays in 3 shards, over 2 ranks: 6 CTs and 12 X-rays each per epoch, every
+    record read by one rank, and the ranks together open each shard once (the boundary's twice), not each all."""
+    import training.data
+
+    fabricated_shards(tmp_path)
+    opened = []
+    real_load_dataset = training.data.load_dataset
+    monkeypatch.setattr(
+        training.data,
+        "load_dataset",
+        lambda *args, **kwargs: (
+            opened.append(next(iter(kwargs["data_files"].values()))) or real_load_dataset(*args, **kwargs)
+        ),
+    )
+    for modality, per_rank, shards in (("ct", 6, 2), ("xray", 12, 3)):
+        opened.clear()
+        epochs = []
+        for rank in (0, 1):
+            stream = ModalityStream(str(tmp_path), "train", modality, rank, 2, seed=5, buffer=8)
+            epoch = []
+            while stream.epoch == 0:
+                epoch += [r["sample_id"] for r in stream.take(1)]
+            epochs.append(epoch[:-1])  # the last record taken opened the next epoch
+        assert [len(e) for e in epochs] == [per_rank, per_rank], modality
+        assert len(set(epochs[0]) | set(epochs[1])) == 2 * per_rank, modality
+        # two epochs opened per rank: each shard once per epoch, plus the shard a rank boundary falls in
+        assert sum(len(files) for files in opened) <= 2 * (shards + 1), (modality, opened)
+
+
+def test_a_kill_while_rewriting_the_log_keeps_it(tmp_path, monkeypatch):
+    """A kill after the file was opened for writing, before its content was written, must leave the old log."""
+    from training.pretrain import prepare_output_dir
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    config = load_config(None, [f"output_dir={tmp_path}", "resume=true"])
+
+    def killed_while_writing(path, text, *args, **kwargs):
+        open(path, "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_output_dir(tmp_path, config, 2)
+    monkeypatch.undo()
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_kill_while_pruning_is_cleaned_up_by_the_next_start(tmp_path, monkeypatch):
+    for step in (2, 4, 6):
+        tmp = checkpointing.temporary_dir(tmp_path, step)
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(os.urandom(64))
+        checkpointing.finalize(tmp, checkpointing.checkpoint_dir(tmp_path, step), step)
+
+    def killed_while_deleting(folder, *args, **kwargs):
+        (folder / checkpointing.MANIFEST).unlink()  # rmtree's first deletion, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune(tmp_path, keep=2)
+    monkeypatch.undo()
+    checkpointing.prune(tmp_path, keep=2)  # the next save (or start) finishes the deletion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_launch_by_file_path_imports_this_checkout(tmp_path):
+    """`accelerate launch training/pretrain.py` runs the file: its modules must come from this checkout, also without
+    the package installed or on PYTHONPATH (the installed editable copy points at another checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-v", str(root / "training" / "pretrain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sources = re.findall(
+        r"^# code object from '?(.+?/(?:training|modeling_unimedi|processing)/[^/']+\.py)", done.stderr, re.MULTILINE
+    )
+    sources += re.findall(
+        r"matches (.+?/(?:training|modeling_unimedi|processing)/[^/ ]+\.py)$", done.stderr, re.MULTILINE
+    )
+    assert sources and all(Path(s).resolve().is_relative_to(root) for s in sources), sorted(set(sources))
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    """fp16 autocast does nothing on CPU: the run would record fp16 while computing in float32."""
+    data = fabricated_shards(tmp_path / "data")  # a run that would otherwise train, silently in float32
+    run_expecting_refusal(tiny_run_args(data, tmp_path / "out", mixed_precision="fp16"), "fp16 needs a GPU")
+
+
+def test_a_hub_stream_is_split_by_record_and_resumes_exactly(tmp_path, monkeypatch):
+    """Without local shards (a Hub dataset, here the same folder loaded by name) every rank keeps its own records of
+    the shuffled stream, and a resumed stream skips the rank's own records, also in a later epoch."""
+    import training.data
+
+    fabricated_shards(tmp_path)
+    monkeypatch.setattr(training.data, "shard_files", lambda data, split: None)
+    epochs = []
+    for rank in (0, 1):
+        drawn = [r["sample_id"] for r in ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4).take(12)]
+        stopped = ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4)
+        stopped.take(8)
+        resumed = ModalityStream(str(tmp_path), "train", "ct", rank, 2, 1, 4)
+        resumed.load_state_dict(stopped.state_dict())
+        assert [r["sample_id"] for r in resumed.take(4)] == drawn[8:], rank
+        epochs.append(set(drawn[:6]))
+    assert epochs[0] | epochs[1] == {f"c{i}" for i in range(12)}

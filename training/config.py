@@ -46,11 +46,15 @@ class PretrainConfig:
     output_dir: str = "outputs/pretrain"
     save_every_steps: int = 500
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool | str = False  # True: the newest complete checkpoint of output_dir; or a checkpoint folder
     overwrite_output_dir: bool = False  # start over in an output_dir that holds an earlier run's checkpoints
     stop_after_step: int | None = None  # end this run cleanly after this step's checkpoint (preemptible jobs)
     log_every_steps: int = 10
     report_to: str = "auto"  # "auto" (tensorboard if installed), "none", or an Accelerate tracker name
+
+    def to_dict(self) -> dict:
+        """The settings as JSON values (tuples become lists), as stored in `pretrain_config.json` and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def __post_init__(self):
         for spec in dataclasses.fields(self):  # YAML reads "5e-5" as a string: coerce numbers, reject the rest
@@ -66,6 +70,36 @@ class PretrainConfig:
             raise ValueError(f"ct_fraction must be in [0, 1], got {self.ct_fraction}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+
+
+# Settings a resumed run may change: where and how often it logs and saves, and when it ends. Every other setting
+# (learning rate, batch size, seed, data, shuffle buffer, ablation, model...) and the number of processes must match
+# the checkpoint's, or the run would silently continue as a different experiment.
+RESUMABLE_OVERRIDES = frozenset(
+    {
+        "max_steps",
+        "num_epochs",
+        "stop_after_step",
+        "output_dir",
+        "resume",
+        "overwrite_output_dir",
+        "generate_default_data",
+        "save_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "report_to",
+    }
+)
+
+
+def settings_changed_on_resume(saved: dict, current: dict) -> list[str]:
+    """`name: checkpoint value -> current value` for every setting that differs and may not be overridden."""
+    names = sorted((set(saved) | set(current)) - RESUMABLE_OVERRIDES)
+    return [
+        f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+        for name in names
+        if saved.get(name) != current.get(name)
+    ]
 
 
 def load_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
@@ -99,14 +133,23 @@ def parse_args(argv=None) -> PretrainConfig:
         epilog="Overrides: key=value, e.g. max_steps=100 model_config.mask_ratio=0.75 ablation=vl",
     )
     parser.add_argument("--config", help="YAML/JSON settings file (see training/configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from the newest complete checkpoint of output_dir, or from the given checkpoint folder",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume max_steps=200`: an override, not a checkpoint
+        args.resume = True
     config = load_config(args.config, args.overrides)
     if args.resume:
-        config.resume = True
+        config.resume = args.resume
     return config
 
 
 def to_json(config: PretrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,7 +1,7 @@
 """Streaming input for pretraining: per-rank X-ray and CT streams, mixed at a fixed ratio, collated by the processor.
 
-Every rank reads its own shards (`split_dataset_by_node`), nothing is routed through rank 0, and the position of each
-stream is a small state that checkpoints store, so a resumed run sees exactly the batches it would have seen.
+Every rank reads its own part of each epoch, nothing is routed through rank 0, and the position of each stream is a
+small state that checkpoints store, so a resumed run sees exactly the batches it would have seen.
 """
 
 import gc
@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.parquet as pq
 from datasets import Image, load_dataset
-from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
 from processing.schema import CT, FEATURES, XRAY, decode_slab_images, decode_volume
@@ -39,11 +40,26 @@ def shard_files(data: str | list[str], split: str) -> list[str] | None:
     return files
 
 
+def shard_sizes(files: list[str]) -> list[int]:
+    """Records per parquet shard, from the file footers alone."""
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def rank_range(sizes: list[int], rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s records [start, stop) of `sum(sizes)` records: equal shares up to one record."""
+    total = sum(sizes)
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
 class ModalityStream:
     """An endless, resumable stream of one modality's records for one rank.
 
-    Epoch e is the split reshuffled with seed + e (shard order and a shuffle buffer) and sharded across ranks. The state
-    is (epoch, position); resuming rebuilds that epoch's stream and skips `position` undecoded records.
+    Epoch e of local shards: the shards in a new order (seeded by seed and e), read as one sequence of records, of which
+    rank r takes the r-th of `world_size` equal contiguous parts; its part goes through a shuffle buffer (seed + e).
+    Every rank thus reads the same number of records per epoch (up to one), each record is read by one rank, and each
+    shard by at most two (the one a boundary falls in). A Hub dataset is shuffled and every rank keeps every
+    `world_size`-th record (all ranks read the whole stream). The state is (epoch, position in this rank's own
+    records); resuming rebuilds that epoch's stream and skips `position` undecoded records.
     """
 
     def __init__(
@@ -57,21 +73,42 @@ class ModalityStream:
 
     def _open_epoch(self):
         files = shard_files(self.data, self.split)
-        own = modality_shards(files, self.modality) if files is not None else []
         if files is None:
-            dataset = load_dataset(self.data, split=self.split, streaming=True)
+            dataset = self._hub_part()
         else:  # this modality's own shards when written by `write_shards`: nothing to read and throw away
-            data_files = {self.split: own or files}
-            dataset = load_dataset(
-                "parquet", data_files=data_files, split=self.split, streaming=True, features=FEATURES
-            )
+            dataset = self._shuffled(self._local_part(modality_shards(files, self.modality) or files))
+        dataset = dataset.skip(self.position) if self.position else dataset
+        dataset.set_epoch(self.epoch)  # last: `skip` returns a dataset at epoch 0
+        return iter(dataset)
+
+    def _shuffled(self, dataset):
+        """Through a shuffle buffer seeded by seed + epoch (the epoch is set on the final dataset)."""
+        return dataset.shuffle(seed=self.seed, buffer_size=self.buffer)
+
+    def _local_part(self, files: list[str]):
+        """This rank's contiguous part of the epoch's shard sequence (only the shards it overlaps are opened)."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(files))
+        files = [files[i] for i in order]
+        sizes = shard_sizes(files)
+        start, stop = rank_range(sizes, self.rank, self.world_size)
+        ends = np.cumsum(sizes)
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop, side="left"))
+        opened = files[first : last + 1] if stop > start else files[:1]
+        dataset = load_dataset(
+            "parquet", data_files={self.split: opened}, split=self.split, streaming=True, features=FEATURES
+        )
+        return self._modality_only(dataset.skip(start - int(ends[first] - sizes[first])).take(stop - start))
+
+    def _hub_part(self):
+        """Every rank streams the whole shuffled dataset and keeps its own every `world_size`-th record."""
+        dataset = self._shuffled(self._modality_only(load_dataset(self.data, split=self.split, streaming=True)))
+        return dataset.filter(lambda _, index: index % self.world_size == self.rank, with_indices=True)
+
+    def _modality_only(self, dataset):
+        """Undecoded records of this stream's modality (shards of several modalities, or a Hub dataset, hold both)."""
         dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
-        if not own:  # a Hub dataset or shards mixing modalities
-            dataset = dataset.filter(lambda record: record["modality"] == self.modality)
-        dataset = dataset.shuffle(seed=self.seed, buffer_size=self.buffer)
-        dataset.set_epoch(self.epoch)
-        dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
-        return iter(dataset.skip(self.position) if self.position else dataset)
+        return dataset.filter(lambda record: record["modality"] == self.modality)
 
     def take(self, count: int) -> list[dict]:
         records = []

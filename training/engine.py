@@ -57,13 +57,14 @@ def train_loop(run: TrainingRun, start_step: int) -> int | None:
     samples_seen = 0
     started = time.perf_counter()
     for step in range(start_step, run.total_steps):
+        learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's optimizer update uses
         totals, samples = train_one_step(run)
         samples_seen += samples
         run.scheduler.step()
         record = {
             "step": step + 1,
-            **{k: round(v, 6) for k, v in totals.items() if v},
-            "lr": run.scheduler.get_last_lr()[0],
+            **{k: round(v, 6) for k, v in totals.items() if v is not None},
+            "lr": learning_rate,
             **update_teacher(run),
             "samples_per_s": round(samples_seen / (time.perf_counter() - started), 3),
         }
@@ -71,7 +72,9 @@ def train_loop(run: TrainingRun, start_step: int) -> int | None:
         progress.set_postfix(loss=f"{record['loss']:.4f}")
         log_step(run, record)
         if (step + 1) % config.save_every_steps == 0 or step + 1 == run.total_steps:
-            checkpointing.save(run.accelerator, run.checkpoints, step + 1, run.batches, config.keep_checkpoints)
+            checkpointing.save(
+                run.accelerator, run.checkpoints, step + 1, run.batches, run.scheduler, config, config.keep_checkpoints
+            )
         if config.stop_after_step is not None and step + 1 >= config.stop_after_step and step + 1 < run.total_steps:
             logger.info("stopping after step %d as requested; resume with --resume", step + 1)
             return step + 1
@@ -79,12 +82,14 @@ def train_loop(run: TrainingRun, start_step: int) -> int | None:
     return None
 
 
-def train_one_step(run: TrainingRun) -> tuple[dict[str, float], int]:
+def train_one_step(run: TrainingRun) -> tuple[dict[str, float | None], int]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean of each loss term over
-    them and the number of samples seen by all processes."""
+    them and over all processes (None for a term the objective lacks), and the number of samples seen by all
+    processes."""
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     accumulation = run.config.gradient_accumulation_steps
-    totals, samples = dict.fromkeys(LOSS_KEYS, 0.0), 0
+    totals, samples = torch.zeros(len(LOSS_KEYS), dtype=torch.float64), 0
+    present = [False] * len(LOSS_KEYS)
     temperature = schedules.teacher_temperature(pretraining_config(run), teacher_step(run))
     for _ in range(accumulation):
         inputs = run.collate(*run.batches.next_batch()).to(accelerator.device)
@@ -95,11 +100,13 @@ def train_one_step(run: TrainingRun) -> tuple[dict[str, float], int]:
                 accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-        for key in LOSS_KEYS:
+        for index, key in enumerate(LOSS_KEYS):
             if getattr(out, key) is not None:
-                totals[key] += getattr(out, key).detach().float().item() / accumulation
+                totals[index] += getattr(out, key).detach().double().item() / accumulation
+                present[index] = True
         samples += inputs["input_ids"].shape[0] * accelerator.num_processes
-    return totals, samples
+    totals = accelerator.reduce(totals.to(accelerator.device), reduction="mean").cpu()  # one collective per step
+    return {key: totals[i].item() if present[i] else None for i, key in enumerate(LOSS_KEYS)}, samples
 
 
 def pretraining_config(run: TrainingRun):

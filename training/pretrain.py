@@ -3,6 +3,7 @@
     python -m training.pretrain                        # CPU demo on the embedded ground-truth data (a few minutes)
     accelerate launch -m training.pretrain --config training/configs/paper.yaml train_data=/data/unimedi
     python -m training.pretrain --resume               # continue from the last complete checkpoint
+    accelerate launch training/pretrain.py ...         # the file path works too, without installing the package
 
 Writes `checkpoints/step-*` (atomic, verified on resume), `train_log.jsonl`, tracker logs, and `final/` with the
 model (`UniMedIModel.from_pretrained("…/final")` loads it), the processor and a filled-in model card. This module builds
@@ -18,7 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+if not __package__:  # run by file path: import this checkout's packages, never an installed or other checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -32,7 +35,7 @@ from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing.samples import resolve
 from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
-from training.data import MixedBatches, PretrainCollator, shard_files
+from training.data import MixedBatches, PretrainCollator, shard_files, shard_sizes
 from training.engine import TrainingRun, train_loop
 from training.model_card import write_model_card
 
@@ -118,7 +121,7 @@ def count_records(data: str | list[str], split: str) -> int:
     files = shard_files(data, split)
     if files is None:
         raise ValueError(f"{data} is not a local folder: set max_steps for a Hub dataset")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(shard_sizes(files))
 
 
 def optimizer_groups(
@@ -177,9 +180,19 @@ def build_accelerator(config: PretrainConfig) -> Accelerator:
         log_with=trackers(config.report_to) or None,
         project_dir=str(Path(config.output_dir)),
     )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "mixed_precision=fp16 needs a GPU: on CPU it would silently run in float32; use bf16 or no on CPU"
+        )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
-    set_seed(config.seed)
+    set_seed(config.seed)  # the same initial weights on every rank
     return accelerator
+
+
+def seed_this_rank(seed: int) -> None:
+    """Seed Python, NumPy and torch with seed + rank: X-ray crops, CT flips, random slabs and token masks differ across
+    ranks and repeat from run to run (a resumed run restores each rank's own random state)."""
+    set_seed(seed, device_specific=True)
 
 
 def build_batches(config: PretrainConfig, plan: StepPlan, accelerator: Accelerator) -> MixedBatches:
@@ -215,13 +228,19 @@ def train(config: PretrainConfig) -> Path:
     )
     scheduler = build_schedulers(optimizer, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    seed_this_rank(config.seed)
     batches = build_batches(config, plan, accelerator)
     collate = PretrainCollator(processor, training=True)
     run = TrainingRun(
         config, accelerator, model, optimizer, scheduler, batches, collate, frozen, plan.total_steps, output_dir
     )
-    start_step = checkpointing.resume(accelerator, run.checkpoints, batches) if config.resume else 0
+    if accelerator.is_main_process:
+        checkpointing.remove_leftovers(run.checkpoints)
+    accelerator.wait_for_everyone()
+    start_step = 0
+    if config.resume:
+        source = run.checkpoints if config.resume is True else Path(config.resume)
+        start_step = checkpointing.resume(accelerator, source, batches, scheduler, config)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, config, start_step)
     accelerator.wait_for_everyone()
@@ -251,7 +270,7 @@ def save_final(run: TrainingRun, processor: UniMedIProcessor) -> Path:
 
 def prepare_output_dir(output_dir: Path, config: PretrainConfig, start_step: int) -> None:
     """A fresh run must not mix with an earlier run's checkpoints (a later --resume would pick those up) or log; a
-    resumed run keeps the log up to the step it resumes from."""
+    resumed run keeps the log and the checkpoints up to the step it resumes from (the log rewritten atomically)."""
     checkpoints, log_file = output_dir / "checkpoints", output_dir / "train_log.jsonl"
     if not config.resume and (checkpoints.exists() or log_file.exists()):
         if not config.overwrite_output_dir:
@@ -260,9 +279,11 @@ def prepare_output_dir(output_dir: Path, config: PretrainConfig, start_step: int
             )
         shutil.rmtree(checkpoints, ignore_errors=True)
         log_file.unlink(missing_ok=True)
+    if config.resume:
+        checkpointing.drop_after(checkpoints, start_step)
     if config.resume and log_file.exists():
         kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        log_file.write_text("".join(line + "\n" for line in kept))
+        checkpointing.write_text_atomic(log_file, "".join(line + "\n" for line in kept))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "pretrain_config.json").write_text(to_json(config))
 

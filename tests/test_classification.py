@@ -332,6 +332,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_epochs(groundtruth_data, tm
     run_finetune(*tiny_finetune_args(groundtruth_data, tmp_path / "parts", num_epochs=1, **common))
     run_finetune(*tiny_finetune_args(groundtruth_data, tmp_path / "parts", num_epochs=3, **common), "--resume")
     whole, parts = history_of(tmp_path / "whole"), history_of(tmp_path / "parts")
+    assert not list((tmp_path / "parts").rglob("*.pkl")), "checkpoints hold no pickles (issue #13)"
     assert [row["epoch"] for row in parts] == [1, 2, 3]
     for a, b in zip(whole, parts):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)

@@ -439,7 +439,10 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict) -> None:
     two are kept."""
     epoch = state["epoch"]
     tmp, final = checkpointing.temporary_dir(root, epoch), checkpointing.checkpoint_dir(root, epoch)
+    rank = accelerator.process_index
     accelerator.save_state(str(tmp))
+    (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # Accelerate's pickle: replaced by safetensors/JSON
+    checkpointing.write_json_atomic(tmp / f"rng_state_rank{rank}.json", checkpointing.save_rng_state(tmp, rank))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpointing.write_json_atomic(tmp / "train_state.json", state)
@@ -449,10 +452,14 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict) -> None:
 
 
 def resume(accelerator: Accelerator, root: Path) -> dict:
-    folder = checkpointing.latest_complete(root)
-    if folder is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
+    """The newest complete checkpoint's model, optimizer and random states; never unpickles (as pretraining)."""
+    folder = checkpointing.find(root)
+    pickles = sorted(p.name for p in folder.rglob("*.pkl"))
+    if pickles:
+        raise ValueError(f"--resume {folder}: refusing a checkpoint that holds pickle files {pickles}")
     accelerator.load_state(str(folder))
+    rank = accelerator.process_index
+    checkpointing.load_rng_state(folder, rank, json.loads((folder / f"rng_state_rank{rank}.json").read_text()))
     state = json.loads((folder / "train_state.json").read_text())
     logger.info("resumed from %s (epoch %d)", folder, state["epoch"])
     return state

@@ -324,7 +324,7 @@ class GroundTruthGenerator:
         depth_mm = self.anatomy.spacing[0]
         num_slices = self.anatomy.shape[0]
         focal = [lesion for lesion in lesions if lesion.finding != PLEURAL_EFFUSION]
-        centres = [_depth_centre(lesion) for lesion in focal]
+        centres = [lesion_depth_centre(lesion) for lesion in focal]
         margins = [
             (lesion.attributes["size_mm"] / 2 if lesion.finding == NODULE else 0.0) / depth_mm
             + SCAN_MARGIN_MM / depth_mm
@@ -449,7 +449,7 @@ def _sample_ct_look(scan_range: tuple[int, int], rng: np.random.Generator) -> CT
                   scan_start=scan_range[0], scan_stop=scan_range[1])  # fmt: skip
 
 
-def _depth_centre(lesion: Lesion) -> float:
+def lesion_depth_centre(lesion: Lesion) -> float:
     """Occupancy-weighted mean depth (working-grid slice) of a lesion."""
     weights = lesion.occupancy.sum(axis=(1, 2), dtype=np.float64)
     return float(np.average(np.arange(lesion.box[0].start, lesion.box[0].stop), weights=weights))

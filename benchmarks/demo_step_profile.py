@@ -6,9 +6,9 @@ Builds the demo's model, processor and data stream exactly as ``training.pretrai
 ``training/configs/demo.yaml``), then times the parts of each step: reading records from the shards, collating
 (image/volume decoding, augmentation, tokenising), the report encoder's forward alone, the model's forward (which
 includes the report encoder), backward, the AdamW step and the EMA teacher update. The same batches are timed twice
-in one process, without and then with ``training.text_cache`` installed (the cached pass runs the stream a second
-time, so its report encodings are cached from the first epoch of the run, as in a real run after its first pass over
-the reports; the first step of each pass warms up and is not timed). Prints a JSON line per setting and the ratio.
+in one process, without and then with ``training.text_cache`` installed, its reports encoded beforehand: the
+steady state of a run after its first pass over the reports (a run's first pass still encodes each report once).
+The first step of each setting warms up and is not timed. Prints a JSON line per setting and the ratio.
 """
 
 import argparse
@@ -20,46 +20,63 @@ from collections import defaultdict
 import torch
 
 
-def profile(data: str, steps: int, cached: bool) -> dict:
+def build(data: str):
+    """The demo's model (text encoder frozen, its frozen parts in eval mode), optimizer, collator and config."""
     from accelerate.utils import set_seed
 
     from training.config import load_config
-    from training.data import MixedBatches, PretrainCollator
+    from training.data import PretrainCollator
     from training.pretrain import build_model, build_processor, freeze_text_layers
-    from training.text_cache import install_text_cache
 
     config = load_config(None, [f"train_data={data}", "report_to=none"])
     set_seed(0)
     model = build_model(config)
     frozen = freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
-    processor = build_processor(config, model.config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     model.train()
     for module in frozen:
         module.eval()
-    cache = install_text_cache(model.unimedi.text_model) if cached else None
-    collate = PretrainCollator(processor, training=True)
+    return model, optimizer, PretrainCollator(build_processor(config, model.config), training=True), config
+
+
+def read_batches(data: str, config, count: int) -> tuple[list, list[float]]:
+    """``count`` batches of records from the demo's stream, and the seconds each read took."""
+    from training.data import MixedBatches
+
     batches = MixedBatches(data, "train", config.batch_size, config.ct_fraction, seed=0)
-    if cached:  # one pass over the same batches first: the reports are cached as after a run's first epoch
-        for _ in range(steps + 1):
-            inputs = collate(*batches.next_batch())
+    records, seconds = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        records.append(batches.next_batch())
+        seconds.append(time.perf_counter() - start)
+    batches.close()
+    return records, seconds
+
+
+def profile(data: str, steps: int, cached: bool) -> dict:
+    from training.text_cache import install_text_cache
+
+    model, optimizer, collate, config = build(data)
+    records, read_seconds = read_batches(data, config, steps + 1)
+    cache = None
+    if cached:  # the reports of these batches encoded once, as after a run's first pass over its reports
+        cache = install_text_cache(model.unimedi.text_model)
+        for batch in records:
+            inputs = collate(*batch)
             with torch.no_grad():
-                model.unimedi.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        batches.close()
-        batches = MixedBatches(data, "train", config.batch_size, config.ct_fraction, seed=0)
+                model.unimedi.get_text_features(inputs["input_ids"], inputs["attention_mask"])
     parts = defaultdict(list)
-    for step in range(steps + 1):
+    parts["read records"] = read_seconds[1:]
+    for step, batch in enumerate(records):
         timings = {}
         start = time.perf_counter()
-        records = batches.next_batch()
-        timings["read records"] = time.perf_counter() - start
-        start = time.perf_counter()
-        inputs = collate(*records)
+        inputs = collate(*batch)
         timings["collate"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.unimedi.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        timings["report encoder alone (inside forward too)"] = time.perf_counter() - start
+        if not cached:
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.unimedi.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+            timings["report encoder alone (inside forward too)"] = time.perf_counter() - start
         start = time.perf_counter()
         out = model(**inputs, teacher_temperature=0.04)
         timings["forward"] = time.perf_counter() - start
@@ -76,7 +93,6 @@ def profile(data: str, steps: int, cached: bool) -> dict:
         if step:  # the first step warms up
             for name, seconds in timings.items():
                 parts[name].append(seconds)
-    batches.close()
     step_parts = [name for name in parts if not name.startswith("report encoder")]
     totals = [sum(parts[name][i] for name in step_parts) for i in range(steps)]
     result = {

@@ -42,6 +42,10 @@ def test_cached_outputs_equal_the_encoders_on_real_tokens(model):
     assert len(cache.entries) == 2  # two distinct reports, each encoded once
     assert (cache.misses, cache.hits) == (2, 4)
     assert install_text_cache(model.text_model) is cache
+    model.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids))
+    assert cache.misses == 2  # zero token types are the default: the same reports
+    model.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=attention_mask)
+    assert cache.misses == 4
 
 
 def test_gradients_reach_the_projection_through_cached_outputs(model):

@@ -68,7 +68,7 @@ class FrozenTextCache:
     @staticmethod
     def _key(ids: torch.Tensor, token_type_ids: torch.Tensor | None, row: int, mask: torch.Tensor) -> bytes:
         key = ids[mask].cpu().numpy().tobytes()
-        if token_type_ids is not None:
+        if token_type_ids is not None and bool(token_type_ids[row].any()):  # all zeros: the encoder's default
             key += b"|" + token_type_ids[row][mask].cpu().numpy().tobytes()
         return key
 

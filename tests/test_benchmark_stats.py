@@ -124,7 +124,7 @@ def fake_metrics(seed: int, nodule_hit: float, cosine: float = 0.5) -> dict:
         "retrieval": {f"report_to_{m}": {"num_queries": 350, "R@1": recall, "R@5": recall} for m in ("xray", "ct")},
         "slice_selection": {"num_slabs": 4, "rows": [row],
                             "rules": {row["rule"]: {"k": 1, "most_common_selection": [2], "most_common_share": 0.4}}},
-        "alignment": {d: {"rate": 0.3, "ci": [0.25, 0.35], "random_rate": 0.2, "p_permutation": 0.001}
+        "alignment": {d: {"rate": 0.32, "ci": [0.27, 0.37], "random_rate": 0.2, "p_permutation": 0.001}
                       for d in ("xray_to_ct", "ct_to_xray")},
         "embedding_spread": {"xray_vision": cosine, "ct_vision": 0.5, "xray_reports": 0.6, "ct_reports": 0.7},
         "verdicts": [],
@@ -143,7 +143,7 @@ def test_runner_states_targets_met_or_missed_with_seeds_and_failures():
     met = target_statements(results(0.60))
     assert met[0].startswith("Target 1") and " MET: nodule-slab hit 60.0 vs random 30.0" in met[0]
     assert "MISSED" in target_statements(results(0.45))[0]  # +15 points: significant but short of +22
-    assert "Target 2" in met[1] and "MET" in met[1]  # 30 vs 20 random: exactly 1.5x
+    assert "Target 2" in met[1] and "MET" in met[1]  # 32 vs 20 random: 1.6x
     assert met[-1].startswith("Target 4") and " MET " in met[-1]
     assert "MISSED" in target_statements(results(0.60, cosine=0.995))[-1]  # a collapsed X-ray embedding set
     failed = results(0.60)

@@ -248,7 +248,8 @@ def test_missing_model_or_data_gives_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_benchmark(tmp_path_factory):
     folder = tmp_path_factory.mktemp("groundtruth")
-    generate(GroundTruthConfig(num_xrays=12, num_cts=8, split_fractions=(0.0, 0.0, 1.0)), folder)
+    split = (0.0, 0.0, 1.0)
+    generate(GroundTruthConfig(num_xrays=12, num_cts=8, split_fractions=split, ct_split_fractions=split), folder)
     return folder
 
 
@@ -314,10 +315,16 @@ def test_cli_end_to_end(tiny_benchmark, tiny_final, tmp_path):
     for name in ("tsne.png", "slice_selection.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
+    for row in selection["rows"]:  # no train split here: only the test-optimal constant
+        assert "train_constant" not in row and 0.0 <= row["test_optimal_constant"]["hit_rate"] <= 1.0
+        assert row["ci"][0] <= row["hit_rate"] <= row["ci"][1]
+    for direction in ("xray_to_ct", "ct_to_xray"):
+        assert 0.0 < metrics["alignment"][direction]["p_permutation"] <= 1.0
     markdown = (out / "metrics.md").read_text()
     assert (
         "Functional benchmark" in markdown and "| xray |" in markdown and "Slice selection (4 depth slabs" in markdown
     )
+    assert "## Did the model learn?" in markdown and "pleural effusion" in markdown
 
 
 def _ct_metadata_strings(folder):

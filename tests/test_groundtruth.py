@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from modeling_unimedi.report_processing_unimedi import count_sentences
 from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION
+from modeling_unimedi.report_processing_unimedi import count_sentences
 from processing.groundtruth.__main__ import main
 from processing.groundtruth.drr import Pose, XrayLook, line_integral, radiograph
 from processing.groundtruth.generator import (
@@ -22,9 +22,11 @@ from processing.groundtruth.generator import (
     EFFUSION_HU,
     NODULE_HU,
     SPLITS,
+    CTLook,
     GroundTruthConfig,
     GroundTruthGenerator,
     generate,
+    lesion_depth_centre,
     lesion_slabs,
 )
 from processing.groundtruth.lesions import SUPINE, UPRIGHT, load_anatomy, make_effusion, make_nodule
@@ -43,20 +45,25 @@ from processing.groundtruth.reports import (
 from processing.schema import CT, XRAY, decode_volume
 from processing.shards import stream_split
 
-SEED, NUM_XRAYS, NUM_CTS = 0, 10, 5  # every split gets X-rays and CTs (8/1/1 and 3/1/1)
+SEED, NUM_XRAYS, NUM_CTS = 0, 10, 5
+SPLIT, CT_SPLIT = (0.8, 0.1, 0.1), (0.6, 0.2, 0.2)  # every split gets X-rays and CTs (8/1/1 and 3/1/1)
+CONFIG = GroundTruthConfig(
+    seed=SEED, num_xrays=NUM_XRAYS, num_cts=NUM_CTS, split_fractions=SPLIT, ct_split_fractions=CT_SPLIT
+)
 SLAB = 4
 
 
 @pytest.fixture(scope="module")
 def generator():
-    return GroundTruthGenerator(GroundTruthConfig(seed=SEED, num_xrays=NUM_XRAYS, num_cts=NUM_CTS))
+    return GroundTruthGenerator(CONFIG)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A small benchmark written by the CLI and read back through the streaming reader."""
     out = tmp_path_factory.mktemp("groundtruth")
-    argv = ["--out", str(out), "--seed", str(SEED), "--num-xrays", str(NUM_XRAYS), "--num-cts", str(NUM_CTS)]
+    argv = ["--out", str(out), "--seed", str(SEED), "--num-xrays", str(NUM_XRAYS), "--num-cts", str(NUM_CTS),
+            "--split-fractions", *map(str, SPLIT), "--ct-split-fractions", *map(str, CT_SPLIT)]  # fmt: skip
     manifest = main([*argv, "--records-per-shard", "4"])
     records = {split: list(stream_split(out, split)) for split in SPLITS}
     return out, manifest, records
@@ -96,7 +103,7 @@ def test_shards_round_trip_in_the_record_layout(dataset):
             assert len(of_modality) == counts[modality]["total"] >= 1
             for label in VOCABULARY:
                 assert counts[modality]["labels"][label] == sum(label in r["labels"] for r in of_modality)
-    grid_spacing = (133 * 2.5 / 32, 512 * 0.703125 / 128, 512 * 0.703125 / 128)  # the whole CT resized to 32x128x128
+    in_plane = 512 * 0.703125 / 128  # the scanned range of the CT resized to 32x128x128
     for record in _all_records(dataset):
         assert record["source"] == "groundtruth" and count_sentences(record["report"]) >= 3
         assert set(record["labels"]) <= set(VOCABULARY) and (
@@ -109,7 +116,9 @@ def test_shards_round_trip_in_the_record_layout(dataset):
         volume = decode_volume(record)
         assert volume.shape == (32, 128, 128) and volume.dtype == np.int16
         assert record["orientation"] == CANONICAL_ORIENTATION
-        np.testing.assert_allclose(record["spacing"], grid_spacing, rtol=1e-5)
+        scanned = metadata["look"]["scan_stop"] - metadata["look"]["scan_start"]
+        assert 0.35 * 133 - 1 <= scanned <= 0.55 * 133 + 1
+        np.testing.assert_allclose(record["spacing"], (scanned * 2.5 / 32, in_plane, in_plane), rtol=1e-5)
         assert -1024 <= volume.min() < -900 and 300 < volume.max() <= 3071  # air and bone/contrast present
         assert (metadata["slab_depth"], metadata["num_slabs"]) == (SLAB, 8)
         for lesion in metadata["lesions"]:
@@ -129,6 +138,10 @@ def test_bad_settings_and_missing_data_fail_clearly(tmp_path):
         GroundTruthConfig(num_xrays=-1)
     with pytest.raises(ValueError, match="split_fractions"):
         GroundTruthConfig(split_fractions=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError, match="ct_split_fractions"):
+        GroundTruthConfig(ct_split_fractions=(0.5, 0.6, -0.1))
+    with pytest.raises(ValueError, match="num_proc"):
+        generate(CONFIG, tmp_path / "out", num_proc=0)
     with pytest.raises(ValueError, match="slab_depth"):
         GroundTruthConfig(slab_depth=5)
     with pytest.raises(FileNotFoundError, match="cxr.nii.gz"):
@@ -137,11 +150,33 @@ def test_bad_settings_and_missing_data_fail_clearly(tmp_path):
         write_report((), "mri", np.random.default_rng(0))
 
 
+def test_default_test_split_has_the_power_the_readme_states():
+    config = GroundTruthConfig()
+    assert config.split_counts(XRAY) == {"train": 600, "validation": 50, "test": 350}
+    assert config.split_counts(CT) == {"train": 320, "validation": 40, "test": 440}
+    nodule_share = (1 - config.normal_probability) * (1 / 3 + 2 / 3 * config.extra_finding_probability)
+    assert nodule_share * 440 >= 150  # CTs with a nodule for the slab test, in expectation
+
+
+def test_nodule_depths_spread_over_the_scanned_range(generator):
+    """No position shortcut: the nodule's height in its CT's scanned range is spread over all four quarters (the
+    demo model's depth slabs), so no constant slab holds most nodules."""
+    quarters = []
+    for case in _cases(generator, CT, lambda c: any(lesion.finding == NODULE for lesion in c.lesions), 160):
+        nodule = next(lesion for lesion in case.lesions if lesion.finding == NODULE)
+        start, stop = case.look.scan_start, case.look.scan_stop
+        assert 0 <= start < stop <= generator.anatomy.shape[0]
+        quarters.append(int(4 * (lesion_depth_centre(nodule) - start) / (stop - start)))
+    assert len(quarters) >= 40
+    shares = np.bincount(quarters, minlength=4) / len(quarters)
+    assert shares.max() <= 0.4 and shares.min() >= 0.1, shares
+
+
 # --- determinism -----------------------------------------------------------------------------------------------------
 
 
 def test_same_seed_gives_identical_data(dataset, tmp_path):
-    generate(GroundTruthConfig(seed=SEED, num_xrays=NUM_XRAYS, num_cts=NUM_CTS), tmp_path, records_per_shard=4)
+    generate(CONFIG, tmp_path, records_per_shard=4, num_proc=2)  # forked rendering gives the same records
     for split in SPLITS:
         again = list(stream_split(tmp_path, split))
         assert len(again) == len(dataset[2][split])
@@ -162,7 +197,7 @@ def test_sixteen_bit_radiographs_use_the_full_range(generator):
 
 
 def test_different_seed_gives_different_data(generator):
-    other = GroundTruthGenerator(GroundTruthConfig(seed=SEED + 1, num_xrays=NUM_XRAYS, num_cts=NUM_CTS))
+    other = GroundTruthGenerator(replace(CONFIG, seed=SEED + 1))
     for index in range(3):
         ours, theirs = generator.case(CT, index), other.case(CT, index)
         assert not np.array_equal(generator.render_ct(ours).volume, other.render_ct(theirs).volume)
@@ -255,7 +290,7 @@ def test_orientation_of_ct_slabs_and_radiographs(generator):
     """Slab 0 is inferior and W runs patient right->left in the CT; the radiograph shows superior at the top and the
     patient's right on the viewer's left."""
     anatomy = generator.anatomy
-    base_ct = replace(generator.case(CT, 0), pose=Pose())
+    base_ct = replace(generator.case(CT, 0), pose=Pose(), look=CTLook())  # the whole anatomy scanned
     base_xray = replace(generator.case(XRAY, 0), pose=Pose())
     centres = {}
     for lobe in ("right_upper_lobe", "right_lower_lobe", "left_upper_lobe"):

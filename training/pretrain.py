@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import math
 import shutil
 import sys
@@ -37,6 +38,7 @@ from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
 from training.data import MixedBatches, PretrainCollator, shard_files, shard_sizes
 from training.engine import TrainingRun, train_loop
+from training.text_cache import install_text_cache
 from training.model_card import write_model_card
 
 logger = logging.getLogger("unimedi.pretrain")
@@ -58,7 +60,7 @@ def ensure_default_data(config: PretrainConfig) -> None:
     from processing.groundtruth import GroundTruthConfig, generate
 
     logger.info("generating the ground-truth benchmark data into %s", config.train_data)
-    generate(GroundTruthConfig(), config.train_data)
+    generate(GroundTruthConfig(), config.train_data, num_proc=min(2, os.cpu_count() or 1))
 
 
 def build_model(config: PretrainConfig) -> UniMedIForPreTraining:
@@ -220,6 +222,7 @@ def train(config: PretrainConfig) -> Path:
 
     model = build_model(config)
     frozen = freeze_text_layers(model.unimedi.text_model, config.freeze_text_layers)
+    install_text_cache(model.unimedi.text_model)  # serves repeated reports while the encoder is fully frozen
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     processor = build_processor(config, model.config)

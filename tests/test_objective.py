@@ -4,7 +4,6 @@ Eq. 1 over the patch keys, DINO/CLIP stabilisers."""
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from test_pretraining import mixed_batch, pretraining_config

@@ -14,8 +14,8 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,8 +38,8 @@ from training import checkpointing
 from training.config import PretrainConfig, parse_args, to_json
 from training.data import MixedBatches, PretrainCollator, shard_files, shard_sizes
 from training.engine import TrainingRun, train_loop
-from training.text_cache import install_text_cache
 from training.model_card import write_model_card
+from training.text_cache import install_text_cache
 
 logger = logging.getLogger("unimedi.pretrain")
 

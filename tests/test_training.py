@@ -545,3 +545,20 @@ def test_a_hub_stream_is_split_by_record_and_resumes_exactly(tmp_path, monkeypat
         assert [r["sample_id"] for r in resumed.take(4)] == drawn[8:], rank
         epochs.append(set(drawn[:6]))
     assert epochs[0] | epochs[1] == {f"c{i}" for i in range(12)}
+
+
+def test_a_decompression_bomb_record_is_refused_by_name():
+    """A PNG whose header claims 30000 x 30000 pixels: PIL's bomb guard becomes an error naming the record."""
+    import struct
+    import zlib
+
+    from training.data import _decode_image
+
+    png = io.BytesIO()
+    Image.new("L", (1, 1)).save(png, format="PNG")
+    data = bytearray(png.getvalue())
+    header = struct.pack(">II", 30000, 30000) + bytes(data[24:29])  # IHDR: width, height, then 5 unchanged bytes
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    with pytest.raises(ValueError, match=r"'bomb-1': cannot decode its image"):
+        _decode_image({"sample_id": "bomb-1", "image": {"bytes": bytes(data)}})

@@ -221,5 +221,5 @@ def _decode_image(record: dict) -> PILImage.Image:
         raise ValueError(f"X-ray record {record.get('sample_id')!r} holds no image bytes")
     try:
         return PILImage.open(io.BytesIO(image["bytes"]))
-    except OSError as error:
+    except (OSError, PILImage.DecompressionBombError) as error:
         raise ValueError(f"X-ray record {record.get('sample_id')!r}: cannot decode its image ({error})") from error

@@ -334,15 +334,25 @@ def train(config: FinetuneConfig) -> dict:
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, loaders["train"], loaders["validation"], loaders["test"]
     )
-    checkpoints = output_dir / "checkpoints"
     state = {"epoch": 0, "best_validation_loss": math.inf, "epochs_without_improvement": 0}
     if config.resume:
-        state = resume(accelerator, checkpoints)
+        state = resume(accelerator, output_dir / "checkpoints")
     elif accelerator.is_main_process:
         prepare_output_dir(output_dir, config)
     accelerator.wait_for_everyone()
     accelerator.init_trackers("unimedi-finetune", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
+    state = run_epochs(config, accelerator, model, optimizer, (train_loader, validation_loader), spec, state)
+    accelerator.wait_for_everyone()
+    results = test_selected(config, accelerator, model, test_loader, spec, state, subset)
+    accelerator.end_training()
+    return results
+
+
+def run_epochs(config: FinetuneConfig, accelerator, model, optimizer, loaders, spec, state: dict) -> dict:
+    """Epochs from `state` on: train, validate, keep the lowest-validation-loss model in `best/`, checkpoint, stop
+    early after `early_stopping_patience` epochs without improvement; returns the final early-stopping state."""
+    output_dir, (train_loader, validation_loader) = Path(config.output_dir), loaders
     progress = tqdm(
         total=config.num_epochs * len(train_loader),
         initial=state["epoch"] * len(train_loader),
@@ -367,10 +377,14 @@ def train(config: FinetuneConfig) -> dict:
                 handle.write(json.dumps(record) + "\n")
             if improved:
                 save_best(accelerator.unwrap_model(model), output_dir / "best")
-        save_checkpoint(accelerator, checkpoints, state)
+        save_checkpoint(accelerator, output_dir / "checkpoints", state)
     progress.close()
+    return state
 
-    accelerator.wait_for_everyone()
+
+def test_selected(config: FinetuneConfig, accelerator, model, test_loader, spec, state: dict, subset: dict) -> dict:
+    """The selected (`best/`) model's test metrics, written as `results.json`, `results.md` and the subset's ids."""
+    output_dir = Path(config.output_dir)
     best = UniMedIForImageClassification.from_pretrained(output_dir / "best")
     accelerator.unwrap_model(model).load_state_dict(best.state_dict())
     test = evaluate(model, test_loader, accelerator, spec)
@@ -391,7 +405,6 @@ def train(config: FinetuneConfig) -> dict:
         checkpointing.write_json_atomic(output_dir / "train_subset.json", {"sample_ids": subset["sample_ids"]})
         (output_dir / "results.md").write_text(markdown_row(results) + "\n")
         logger.info("test %s = %s (results in %s)", spec.metric, test[spec.metric], output_dir / "results.json")
-    accelerator.end_training()
     return results
 
 

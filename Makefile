@@ -11,4 +11,4 @@ demo: install
 	$(PYTHON) -m training.evaluate outputs/demo/final --data data/groundtruth
 
 test: install
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2  # one process per core, one thread each

@@ -1,6 +1,6 @@
 """Where a CPU demo step's time goes, and what the frozen report encoder's cache saves.
 
-    python benchmarks/demo_step_profile.py [--data data/groundtruth] [--steps 6] [--threads 1]
+    python benchmarks/demo_step_profile.py [--data data/groundtruth] [--steps 6] [--threads 1] [--smoke]
 
 Builds the demo's model, processor and data stream exactly as ``training.pretrain.train`` does (demo settings,
 ``training/configs/demo.yaml``), then times the parts of each step: reading records from the shards, collating
@@ -8,16 +8,21 @@ Builds the demo's model, processor and data stream exactly as ``training.pretrai
 includes the report encoder), backward, the AdamW step and the EMA teacher update. The same batches are timed twice
 in one process, without and then with ``training.text_cache`` installed, its reports encoded beforehand: the
 steady state of a run after its first pass over the reports (a run's first pass still encodes each report once).
-The first step of each setting warms up and is not timed. Prints a JSON line per setting and the ratio.
+The first step of each setting warms up and is not timed. Prints a JSON line per setting and the ratio. A missing
+``--data`` folder is generated first; ``--smoke`` (CI) generates a small dataset in a temporary folder and times one
+step.
 """
 
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from data_throughput import generate_data  # benchmarks/ is the script's folder, first on sys.path
 
 
 def build(data: str):
@@ -110,9 +115,16 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="data/groundtruth")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="a small generated dataset, one step (CI)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [profile(args.data, args.steps, cached) for cached in (False, True)]
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.smoke:
+            args.data, args.steps = str(Path(scratch) / "data"), 1
+            generate_data(args.data, "--num-xrays", "40", "--num-cts", "20")
+        elif not Path(args.data).exists():
+            generate_data(args.data)
+        results = [profile(args.data, args.steps, cached) for cached in (False, True)]
     for result in results:
         print(json.dumps(result))
     print(f"step time with the text cache / without: {results[1]['step_s_median'] / results[0]['step_s_median']:.3f}")

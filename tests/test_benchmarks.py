@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
     "ct_preprocess.py": "| MONAI, same operations (no Spacing) |",
     "data_throughput.py": "| CT |",
+    "demo_step_profile.py": "step time with the text cache / without",
     "gpu_pretrain.py": "UniMedI / naive samples/s, checkpointing on",
     "embed_throughput.py": "UniMedI 2D / timm ratio",
     "prepare_throughput.py": "| CT-RATE (512 x 512 x 133",

@@ -14,6 +14,8 @@ from test_hub_and_conversion import run_python
 from tiny_configs import TINY_VISION, tiny_config
 
 from modeling_unimedi import UniMedIForImageClassification, UniMedIForPreTraining, UniMedIModel
+from processing.groundtruth import GroundTruthConfig
+from processing.schema import CT, XRAY
 from training.finetune import (
     DATASETS,
     load_settings,
@@ -24,6 +26,7 @@ from training.finetune import (
     targets,
 )
 
+GROUNDTRUTH_CONFIG = GroundTruthConfig(num_xrays=40, num_cts=20, xray_size=64, volume_size=(8, 32, 32))
 XRAYS = torch.rand(3, 3, 32, 32)
 VOLUMES = torch.rand(3, 1, 8, 32, 32)
 
@@ -238,10 +241,10 @@ def test_settings_file_overrides_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def groundtruth_data(tmp_path_factory):
-    from processing.groundtruth import GroundTruthConfig, generate
+    from processing.groundtruth import generate
 
     folder = tmp_path_factory.mktemp("groundtruth")
-    generate(GroundTruthConfig(num_xrays=40, num_cts=20, xray_size=64, volume_size=(8, 32, 32)), folder)
+    generate(GROUNDTRUTH_CONFIG, folder)
     return folder
 
 
@@ -291,7 +294,7 @@ def test_finetune_end_to_end_on_groundtruth_data(
         )
     )
     results = json.loads((output / "results.json").read_text())
-    train_total = 32 if dataset == "groundtruth-xray" else 16
+    train_total = GROUNDTRUTH_CONFIG.split_counts(XRAY if dataset == "groundtruth-xray" else CT)["train"]
     assert results["train_subset"] == {"size": round(fraction * train_total), "of": train_total, "seed": 0}
     assert len(json.loads((output / "train_subset.json").read_text())["sample_ids"]) == round(fraction * train_total)
     assert 0.0 <= results["test"]["mean_auroc"] <= 1.0 and results["epochs_run"] == 3

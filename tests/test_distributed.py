@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -173,7 +173,7 @@ def check_augmentations() -> dict:
             volume_processor(volume, training=True, return_tensors="pt")["volume_values"][0, 0, 0, 0, :2]
             for _ in "1234"
         ]
-        mask = model.tokens_to_keep(None, 16, 4, "cpu")
+        mask = model.tokens_to_keep(None, [16], 4, "cpu")
         return {"crop": crops, "flips": torch.cat(flips).tolist(), "mask": mask.tolist()}
 
     first, second = draw(), draw()

@@ -262,7 +262,7 @@ def test_two_cpu_processes(tmp_path):
     """Two gloo processes via torchrun (`accelerate launch --cpu --num_processes 2` starts only one process without
     mpirun; Accelerate picks up torchrun's environment as MULTI_CPU)."""
     data = fabricated_shards(tmp_path / "data")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     run_training(
         tiny_run_args(data, tmp_path / "ddp", max_steps=2, save_every_steps=2),
         launcher=launcher,

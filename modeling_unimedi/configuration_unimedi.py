@@ -190,12 +190,12 @@ class UniMedIConfig(PreTrainedConfig):
             tokens (the token-dropping saving stays) and a small transformer (`predictor_num_layers`) takes them plus
             positioned mask tokens. `"mask_token"`: iBOT's way, the encoder itself sees the full sequence with a
             learned mask token at the masked positions (no saving). The predictor is the default: at the
-            CPU demo's size a step takes as long either way (17.0 s vs 16.5 s, 1 thread on a loaded 2-core machine;
-            `benchmarks/pretrain_step.py` times both, paths "unimedi" and "mask-token"; the demo's encoder is small
-            next to its heads and text tower), after
-            50 demo steps it scored higher on the ground-truth test split (mean zero-shot AUROC X-ray 50.6 vs 44.5,
-            CT 64.7 vs 39.1; both runs still on the early plateau, so a weak signal), and at ViT-B size the encoder
-            dominates a step, where only the predictor keeps the 2x saving of dropping half the tokens.
+            CPU demo's size the mask-token step is even a little faster (1.65 s vs 1.90 s, 1 thread, idle 2-core
+            machine, `python benchmarks/pretrain_step.py --size demo`: the demo's encoder is small next to its heads
+            and text tower), but after 50 demo steps it scored higher on the ground-truth test split (mean
+            zero-shot AUROC X-ray 50.6 vs 44.5, CT 64.7 vs 39.1; both runs still on the early plateau, so a weak
+            signal), and at ViT-B size, where the encoder dominates a step, only the predictor keeps the saving of
+            dropping half the tokens (expected, not yet measured at that size).
         pcl_on_kept_tokens (`bool`, *optional*, defaults to `False`):
             Also take L_pcl at the kept positions (iBOT takes it at the masked ones only).
         predictor_num_layers (`int`, *optional*, defaults to 2):

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_hub_and_conversion import run_python
+from test_hub_and_conversion import run_without_package
 from tiny_configs import TINY_VISION, tiny_config
 
 from modeling_unimedi import UniMedIForImageClassification, UniMedIForPreTraining, UniMedIModel
@@ -167,15 +167,8 @@ def test_remote_code_loads_the_classifier_without_the_package(tmp_path, saved_fo
     torch.save(VOLUMES, tmp_path / "volumes.pt")
     with torch.inference_mode():
         torch.save(model(volume_values=VOLUMES).logits, tmp_path / "expected.pt")
-    out = run_python(
+    out = run_without_package(
         f"""
-        import sys
-        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
-        try:
-            import modeling_unimedi
-            raise SystemExit("modeling_unimedi is still importable")
-        except ImportError:
-            pass
         import torch
         from transformers import AutoModelForImageClassification
         model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()

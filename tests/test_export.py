@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_hub_and_conversion import place_in_hub_cache, run_python
+from test_hub_and_conversion import place_in_hub_cache, run_without_package
 from tiny_configs import TINY_TEXT, TINY_VISION, tiny_config
 
 from modeling_unimedi import UniMedIImageProcessor, UniMedIModel, UniMedIProcessor, UniMedIVolumeProcessor
@@ -88,10 +88,9 @@ def test_release_loads_as_hub_remote_code(exported, xray_jpeg_paths, ct_nifti_pa
     root, out, model, processor = exported
     place_in_hub_cache(out, root / "hub", "org/unimedi-tiny")
     labels = ["pleural effusion", "no effusion"]
-    run = run_python(
+    run = run_without_package(
         f"""
-        import json, sys
-        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
+        import json
         import torch
         from transformers import AutoModel, AutoModelForPreTraining, AutoProcessor, pipeline
         from transformers.dynamic_module_utils import get_class_from_dynamic_module

@@ -27,6 +27,23 @@ def run_python(code: str, cwd, **env) -> str:
     return done.stdout
 
 
+# A fresh interpreter in which `import modeling_unimedi` fails, as on a machine where only the Hub folder exists.
+WITHOUT_PACKAGE = """
+import sys
+sys.modules["modeling_unimedi"] = None
+try:
+    import modeling_unimedi
+    raise SystemExit("modeling_unimedi is still importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_package(code: str, cwd, **env) -> str:
+    """`run_python` where the UniMedI package cannot be imported: remote code must carry everything."""
+    return run_python(WITHOUT_PACKAGE + textwrap.dedent(code), cwd, **env)
+
+
 def place_in_hub_cache(folder, hub, repo_id: str) -> None:
     """Copy a saved folder into a Hub cache layout (`hub/models--org--name/snapshots/<commit>`, refs/main), as
     `from_pretrained(repo_id)` finds a downloaded repository with HF_HUB_CACHE=hub and HF_HUB_OFFLINE=1."""
@@ -79,15 +96,8 @@ def _save_with_reference(tmp_path):
 
 def test_remote_code_loads_without_the_package(tmp_path):
     folder = _save_with_reference(tmp_path)
-    out = run_python(
+    out = run_without_package(
         f"""
-        import sys
-        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
-        try:
-            import modeling_unimedi
-            raise SystemExit("modeling_unimedi is still importable")
-        except ImportError:
-            pass
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
@@ -125,10 +135,8 @@ def test_pretraining_model_remote_code_loads_without_the_package(tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.inference_mode():
         expected = model(**inputs)
-    out = run_python(
+    out = run_without_package(
         f"""
-        import sys
-        sys.modules["modeling_unimedi"] = None  # as if UniMedI were not installed
         import torch
         from transformers import AutoModelForPreTraining
         model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "export")!r}, trust_remote_code=True).eval()

@@ -3,9 +3,12 @@
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 from modeling_unimedi.loading_unimedi import CTVolume, load_ct
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+from processing.schema import ct_record, decode_mask_image, decode_mask_volume, xray_record
+from processing.shards import stream_split, write_shards
 
 LUNG_LOBES = (
     "lung_upper_lobe_left",
@@ -80,3 +83,40 @@ def test_bad_label_maps_are_refused(lobe_nifti):
         processor.labels_to_grid(CTVolume(np.full((4, 4, 4), 0.5, np.float32), (1.0, 1.0, 1.0), "<half>"))
     with pytest.raises(ValueError, match="not on the processor grid"):
         processor.labels_from_grid(np.zeros((8, 8, 8), np.uint8), lobe_nifti)
+
+
+def test_masks_and_boxes_survive_the_shards(tmp_path):
+    xray_mask = np.zeros((20, 30), np.uint8)
+    xray_mask[2:5, 3:9] = 1
+    ct_mask = np.zeros((4, 6, 8), np.uint8)
+    ct_mask[1, 2:4, 3:7] = 2
+    records = [
+        xray_record(sample_id="x", source="test", split="train", report="", image=Image.new("L", (30, 20)),
+                    mask=xray_mask, mask_labels=["nodule"], boxes=[[3.0, 2.0, 9.0, 5.0]], box_labels=["nodule"]),
+        ct_record(sample_id="c", source="test", split="train", report="", volume=np.zeros((4, 6, 8), np.float32),
+                  spacing=(1.0, 1.0, 1.0), mask=ct_mask, mask_labels=["lung", "nodule"]),
+        xray_record(sample_id="plain", source="test", split="train", report="", image=Image.new("L", (30, 20))),
+    ]  # fmt: skip
+    write_shards(records, tmp_path, "train")
+    read = {record["sample_id"]: record for record in stream_split(tmp_path, "train")}
+    assert np.array_equal(decode_mask_image(read["x"]), xray_mask) and read["x"]["mask_labels"] == ["nodule"]
+    assert read["x"]["boxes"] == [[3.0, 2.0, 9.0, 5.0]] and read["x"]["box_labels"] == ["nodule"]
+    assert np.array_equal(decode_mask_volume(read["c"]), ct_mask) and decode_mask_image(read["c"]) is None
+    assert decode_mask_image(read["plain"]) is None and read["plain"]["boxes"] == []
+    assert decode_mask_volume(read["plain"]) is None
+
+
+def test_dense_labels_that_do_not_fit_are_refused():
+    volume = np.zeros((4, 6, 8), np.float32)
+    with pytest.raises(ValueError, match="values must be 0 \\(background\\) or 1..1"):
+        ct_record(sample_id="c", source="t", split="train", report="", volume=volume, spacing=(1, 1, 1),
+                  mask=np.full(volume.shape, 2, np.uint8), mask_labels=["lung"])  # fmt: skip
+    with pytest.raises(ValueError, match="not on the volume's grid"):
+        ct_record(sample_id="c", source="t", split="train", report="", volume=volume, spacing=(1, 1, 1),
+                  mask=np.zeros((4, 6, 7), np.uint8), mask_labels=["lung"])  # fmt: skip
+    with pytest.raises(ValueError, match="2 boxes but 1 box_labels"):
+        xray_record(sample_id="x", source="t", split="train", report="", image=None, boxes=[[0, 0, 1, 1]] * 2,
+                    box_labels=["nodule"])  # fmt: skip
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        xray_record(sample_id="x", source="t", split="train", report="", image=None, boxes=[[5, 0, 1, 1]],
+                    box_labels=["nodule"])  # fmt: skip

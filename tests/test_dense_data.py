@@ -14,10 +14,11 @@ from PIL import Image
 
 from modeling_unimedi.loading_unimedi import CTVolume, load_ct
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
-from processing import rsna
+from processing import bcv, rsna
 from processing.downstream import fraction_counts
 from processing.groundtruth.generator import CT_MASK_LABELS, XRAY_MASK_LABELS, GroundTruthConfig, GroundTruthGenerator
 from processing.groundtruth.reports import CONSOLIDATION, LOBES, NODULE, PLEURAL_EFFUSION, side_of
+from processing.pipeline import PrepareLog
 from processing.prepare import main as prepare_main
 from processing.schema import CT, XRAY, ct_record, decode_mask_image, decode_mask_volume, decode_volume, xray_record
 from processing.shards import stream_split, write_shards
@@ -262,3 +263,52 @@ def test_rsna_bad_boxes_name_the_line(tmp_path, dicom_monochrome1_path):
         list(rsna.index_rsna(root, "train"))
     with pytest.raises(ValueError, match="unknown RSNA task"):
         list(rsna.index_rsna(root, "train", task="segmentation"))
+
+
+# --- BCV -------------------------------------------------------------------------------------------------------------
+
+
+def write_bcv_scan(root, scan: int, label_value: int = 6, label_shape=(20, 24, 12)) -> None:
+    """A tiny LPS-stored CT (soft tissue block in air) and its label map marking the block with ``label_value``."""
+    affine = np.diag([-1.5, -1.5, 3.0, 1.0])  # voxel axes run to patient left, posterior, superior
+    hu = np.full((20, 24, 12), -1000, np.int16)
+    hu[2:8, 4:14, 4:10] = 40
+    labels = np.zeros(label_shape, np.uint8)
+    labels[2:8, 4:14, 4:10] = label_value
+    for folder, name, data in ((bcv.IMAGES_DIR, f"img{scan:04d}", hu), (bcv.LABELS_DIR, f"label{scan:04d}", labels)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), root / folder / f"{name}.nii.gz")
+
+
+def test_bcv_ct_and_organ_mask_share_the_grid_and_the_unetr_split(tmp_path):
+    root = tmp_path / "Abdomen"
+    for scan in (1, 34, 35):
+        write_bcv_scan(root, scan)
+    write_bcv_scan(root, 21, label_value=14)  # not an organ
+    write_bcv_scan(root, 22, label_shape=(20, 24, 11))  # not on the CT's grid
+    log = PrepareLog()
+    by_split = {split: list(bcv.read_split(root, split, log=log, volume_size=(8, 16, 16))) for split in bcv.SPLITS}
+    assert [r["sample_id"] for r in by_split["train"]] == ["img0001", "img0034"]
+    assert [r["sample_id"] for r in by_split["validation"]] == ["img0035"]
+    assert log.dropped == Counter({"missing_file": 30 - 5, "unreadable_file": 2})
+    assert {error["sample_id"] for error in log.summary()["file_errors"] if error["reason"] == "unreadable_file"} == {
+        "img0021", "img0022"}  # fmt: skip
+    assert len(bcv.SCAN_IDS["train"]) == 24 and len(bcv.SCAN_IDS["validation"]) == 6
+    record = by_split["train"][0]
+    volume, mask = decode_volume(record), decode_mask_volume(record)
+    assert volume.shape == mask.shape == (8, 16, 16) and record["mask_labels"] == list(bcv.ORGANS)
+    assert set(np.unique(mask)) == {0, bcv.ORGANS.index("liver") + 1}
+    assert volume[mask > 0].min() > -500 and np.median(volume[mask == 0]) == -1000  # the organ is the tissue block
+
+
+def test_bcv_prediction_goes_back_onto_the_scan(tmp_path):
+    """On a grid of exactly half the scan's size (canonical (12, 24, 20) -> (6, 12, 10)) and an organ aligned to
+    whole grid voxels, the stored mask goes back onto the scan voxel for voxel, with the scan's affine."""
+    root = tmp_path / "Abdomen"
+    write_bcv_scan(root, 1)
+    record = next(bcv.read_split(root, "train", volume_size=(6, 12, 10)))
+    label_path = root / bcv.LABELS_DIR / "label0001.nii.gz"
+    back = UniMedIVolumeProcessor(volume_size=(6, 12, 10)).labels_from_grid(decode_mask_volume(record), label_path)
+    original = nib.load(label_path)
+    assert back.shape == original.shape and np.array_equal(back.affine, original.affine)
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(original.dataobj))

@@ -9,13 +9,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from processing import bimcv, ct_rate, mimic_cxr
 from processing.pipeline import SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
 from processing.prepare import main
-from processing.schema import CANONICAL_ORIENTATION, CT, XRAY, decode_grid, decode_volume
-from processing.shards import stream_split
+from processing.schema import CT, XRAY, decode_grid, decode_volume
+from processing.shards import CARD_FILE, stream_split
 
 GRID = (32, 128, 128)
 
@@ -270,10 +271,13 @@ def test_bimcv_cli_with_translation_file_stores_canonical_ct_on_the_grid(bimcv_t
     out = tmp_path / "out"
     translations = _json(tmp_path / "translations.json", TRANSLATIONS)
     argv = ["bimcv", "--root", str(bimcv_tree), "--out", str(out), "--translations", str(translations)]
-    assert main([*argv, "--validation-fraction", "0"]) == 0
+    assert main([*argv, "--validation-fraction", "0", "--license", "other"]) == 0
 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["kept"] == {"train": 1}
+    card = DatasetCard.load(out / CARD_FILE)  # the dataset card: the source's terms, what the reader reads
+    assert card.data.license == "other" and card.data.source_datasets == ["bimcv"]
+    assert "BIMCV-COVID19+ chest CTs with their (translated) reports." in card.text
     assert summary["dropped"] == {
         "ct_series_not_a_volume": 1,  # the one-slice scout
         "no_ct_series": 1,  # the X-ray-only session

@@ -4,7 +4,7 @@
 
 Runs the exact training input path (`training.data.MixedBatches` + `PretrainCollator`, training augmentations on) with
 one thread, once X-ray-only and once CT-only, and prints samples per second (targets: >= 150 X-rays/s and >= 100
-prepared CTs/s per core). A missing ``--data`` folder is generated first with
+prepared CTs/s per core) and the shards' size per record. A missing ``--data`` folder is generated first with
 `python -m processing.groundtruth --out <data>` (as the demo does); ``--smoke`` generates a small dataset in a temporary
 folder and times two batches of four.
 """
@@ -21,7 +21,9 @@ from transformers import AutoTokenizer
 
 from modeling_unimedi import UniMedIImageProcessor, UniMedIProcessor, UniMedIVolumeProcessor
 from processing.samples import resolve
-from training.data import MixedBatches, PretrainCollator
+from processing.schema import CT, XRAY
+from processing.shards import modality_shards
+from training.data import MixedBatches, PretrainCollator, shard_files, shard_sizes
 
 TARGETS = {"X-ray": 150.0, "CT": 100.0}
 
@@ -36,6 +38,12 @@ def measure(data: str, ct_fraction: float, batch_size: int, num_batches: int, co
     rate = num_batches * batch_size / (time.perf_counter() - start)
     batches.close()
     return rate
+
+
+def mib_per_record(data: str, modality: str) -> float:
+    """Size on disk of the train shards of `modality`, per record."""
+    files = modality_shards(shard_files(data, "train"), modality)
+    return sum(Path(file).stat().st_size for file in files) / sum(shard_sizes(files)) / 2**20
 
 
 def generate_data(folder: str, *sizes: str) -> None:
@@ -74,11 +82,17 @@ def report(args) -> None:
         "X-ray": measure(args.data, 0.0, args.batch_size, args.batches, collate),
         "CT": measure(args.data, 1.0, args.batch_size, args.batches, collate),
     }
+    sizes = {"X-ray": mib_per_record(args.data, XRAY), "CT": mib_per_record(args.data, CT)}
     print(f"one thread, batch {args.batch_size}, {args.batches} batches, data {args.data}")
-    print("| modality | samples/s per core | target | rate / target |\n|---|---:|---:|---:|")
+    print(
+        "| modality | samples/s per core | target | rate / target | shard MiB per record |\n|---|---:|---:|---:|---:|"
+    )
     for name, rate in rates.items():
         verdict = "met" if rate >= TARGETS[name] else "NOT met"
-        print(f"| {name} | {rate:.1f} | >= {TARGETS[name]:.0f} ({verdict}) | {rate / TARGETS[name]:.2f}x |")
+        print(
+            f"| {name} | {rate:.1f} | >= {TARGETS[name]:.0f} ({verdict}) | {rate / TARGETS[name]:.2f}x "
+            f"| {sizes[name]:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ neighbour, and ``labels_from_grid`` maps a label map on the grid (a prediction) 
 and affine.
 """
 
+import gzip
 import json
 import math
 import os
@@ -259,8 +260,10 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
     def __call__(self, volumes, return_tensors: str | None = "pt", training: bool = False, **settings) -> BatchFeature:
         """CT volumes -> {"volume_values": (B, 1, D, H, W)}.
 
-        ``volumes``: one item or a list; an item is anything ``load_ct`` reads from a path or nibabel image, or a
-        ``CTVolume``; these are resampled to the grid. A numpy array or tensor carries no spacing, so it is taken as HU
+        ``volumes``: one item or a list; an item is anything ``load_ct`` reads from a path or nibabel image (e.g. the
+        ``volume`` of a UniMedI dataset record, a NIfTI already on the grid: resampling it to the same grid changes
+        nothing), an undecoded ``datasets.Nifti`` cell ({"bytes": ...}), or a ``CTVolume``; these are resampled to the
+        grid. A numpy array or tensor carries no spacing, so it is taken as HU
         already on the grid and only windowed (``window_grid``): a (D, H, W) item, or a whole (B, D, H, W) or
         (B, 1, D, H, W) batch. Read any other array with ``load_ct(array, spacing=...)``. ``training=True`` enables the
         random flips; it is off by default. ``settings`` override the processor's settings for this call
@@ -340,6 +343,8 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         return BatchFeature({"volume_values": volumes, "slab_images": images})
 
     def _load_to_grid(self, item) -> np.ndarray:
+        if isinstance(item, dict):
+            item = _nifti_cell(item)
         return self.resample_to_grid(item if isinstance(item, CTVolume) else load_ct(item))
 
     def _random_flips_(self, batch: torch.Tensor) -> None:
@@ -348,6 +353,18 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             axes = [axis + 1 for axis in self.flip_axes if torch.rand(()) < self.flip_probability]
             if axes:
                 batch[index] = batch[index].flip(axes)
+
+
+def _nifti_cell(cell: dict):
+    """A ``datasets.Nifti`` cell left undecoded ({"bytes": ..., "path": ...}, e.g. a streamed record read with
+    ``Nifti(decode=False)``) as what ``load_ct`` reads: its NIfTI bytes as a nibabel image, or else its path."""
+    if cell.get("bytes") is not None:
+        data = cell["bytes"]
+        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        return import_nibabel().Nifti1Image.from_bytes(data)
+    if cell.get("path") is not None:
+        return cell["path"]
+    raise ValueError(f"a NIfTI cell needs 'bytes' or 'path', got keys {sorted(cell)} without either")
 
 
 def slab_central_indices(depth: int, num_slabs: int) -> list[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import bcv, bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
 from .pipeline import SUMMARY_FILE, DatasetCommand, prepare
+from .shards import write_dataset_card
 
 DATASETS: dict[str, DatasetCommand] = {
     command.name: command
@@ -53,6 +54,9 @@ def _add_dataset(subparsers, command: DatasetCommand) -> argparse.ArgumentParser
     parser.add_argument("--records-per-shard", type=int, default=command.records_per_shard)
     parser.add_argument("--num-proc", type=int, default=1, help="processes decoding images/volumes")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of an earlier run in --out")
+    parser.add_argument(
+        "--license", default="other", help="the source data's license id for the dataset card (other: its own terms)"
+    )
     return parser
 
 
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["kept_total"] == 0:
         print(f"no record was kept; see {args.out / SUMMARY_FILE}", file=sys.stderr)
         return 1
+    write_dataset_card(args.out, license=args.license, description=command.help + ".")
     return 0
 
 

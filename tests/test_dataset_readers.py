@@ -9,13 +9,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from processing import bimcv, ct_rate, mimic_cxr
 from processing.pipeline import NATIVE_SLABS, SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
 from processing.prepare import main
-from processing.schema import CANONICAL_ORIENTATION, CT, XRAY, decode_slab_images, decode_volume
-from processing.shards import stream_split
+from processing.schema import CT, XRAY, decode_grid, decode_slab_images, decode_volume
+from processing.shards import CARD_FILE, stream_split
 
 GRID = (32, 128, 128)
 
@@ -122,7 +123,7 @@ def test_mimic_cxr_cli_keeps_frontal_views_with_long_reports_in_official_splits(
     train = list(stream_split(out, "train"))
     assert [record["sample_id"] for record in train] == [_dicom(0)]  # lateral and short-report images are gone
     record = train[0]
-    assert record["modality"] == XRAY and record["source"] == "mimic-cxr" and record["volume_shape"] == []
+    assert record["modality"] == XRAY and record["source"] == "mimic-cxr" and record["volume"] is None
     assert record["report"].startswith("There is no focal consolidation") and "INDICATION" not in record["report"]
     assert record["report"].endswith("No acute cardiopulmonary process.")
     assert json.loads(record["metadata"])["view_position"] == "PA"
@@ -276,10 +277,13 @@ def test_bimcv_cli_with_translation_file_stores_canonical_ct_on_the_grid(bimcv_t
     out = tmp_path / "out"
     translations = _json(tmp_path / "translations.json", TRANSLATIONS)
     argv = ["bimcv", "--root", str(bimcv_tree), "--out", str(out), "--translations", str(translations)]
-    assert main([*argv, "--validation-fraction", "0"]) == 0
+    assert main([*argv, "--validation-fraction", "0", "--license", "other"]) == 0
 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["kept"] == {"train": 1}
+    card = DatasetCard.load(out / CARD_FILE)  # the dataset card: the source's terms, what the reader reads
+    assert card.data.license == "other" and card.data.source_datasets == ["bimcv"]
+    assert "BIMCV-COVID19+ chest CTs with their (translated) reports." in card.text
     assert summary["dropped"] == {
         "ct_series_not_a_volume": 1,  # the one-slice scout
         "no_ct_series": 1,  # the X-ray-only session
@@ -292,16 +296,15 @@ def test_bimcv_cli_with_translation_file_stores_canonical_ct_on_the_grid(bimcv_t
     (record,) = stream_split(out, "train")
     assert record["modality"] == CT and record["source"] == "bimcv" and record["image"] is None
     assert record["report"] == ENGLISH
-    assert record["orientation"] == CANONICAL_ORIENTATION and tuple(record["volume_shape"]) == GRID
     metadata = json.loads(record["metadata"])
     assert metadata["report_id"] == "E06119" and metadata["language"] == "en" and metadata["series_candidates"] == 2
     assert metadata["file"] == "sub-S03027_ses-E06119_run-1_bp-chest_ct.nii.gz"
     volume = decode_volume(record)
-    assert volume.dtype == np.int16 and volume.min() == AIR and volume.max() == BLOCK_HU
+    assert volume.shape == GRID and volume.dtype == np.int16 and volume.min() == AIR and volume.max() == BLOCK_HU
     # the block fills the patient's leftmost 12 of 40 voxels: W >= 128 * 28 / 40 = 89.6 (minus interpolation blur)
     assert _block_w_indices(volume).min() >= 88 and _block_w_indices(volume).max() == 127
     # (D, H, W) = (S, P, L): 24 slices x 2.5 mm over 32, 36 x 0.7 mm over 128, 40 x 0.7 mm over 128
-    np.testing.assert_allclose(record["spacing"], [24 * 2.5 / 32, 36 * 0.7 / 128, 40 * 0.7 / 128], rtol=1e-5)
+    np.testing.assert_allclose(decode_grid(record["volume"], "volume").spacing, [24 * 2.5 / 32, 36 * 0.7 / 128, 40 * 0.7 / 128], rtol=1e-5)
 
 
 def test_bimcv_translator_callable_and_explicit_spanish_opt_in(bimcv_tree):
@@ -429,7 +432,7 @@ def test_ct_rate_applies_metadata_rescale_and_spacing_in_a_process_pool(ct_rate_
     assert _block_w_indices(volume).min() >= 88 and _block_w_indices(volume).max() == 127
     shape = (24, 36, 40)  # (S, P, L) extent of the phantom, with the metadata's voxel size, not the header's 1 mm
     expected = [n * s / g for n, s, g in zip(shape, METADATA_SPACING[::-1], GRID)]
-    np.testing.assert_allclose(record["spacing"], expected, rtol=1e-5)
+    np.testing.assert_allclose(decode_grid(record["volume"], "volume").spacing, expected, rtol=1e-5)
 
     (validation,) = stream_split(out, "validation")
     assert validation["sample_id"] == "valid_1_a_2" and validation["split"] == "validation"
@@ -438,7 +441,7 @@ def test_ct_rate_applies_metadata_rescale_and_spacing_in_a_process_pool(ct_rate_
 def test_ct_rate_hu_intensity_leaves_values_alone(ct_rate_tree):
     log = PrepareLog()
     (record,) = ct_rate.read_ct_rate(ct_rate_tree, "validation", intensity="hu", log=log)
-    volume = np.frombuffer(record["volume"], dtype="<i2")
+    volume = decode_volume(record)
     assert volume.min() == AIR + RAW_OFFSET  # taken as already HU: no rescale applied
     assert log.kept == {"validation": 1}
 

@@ -79,8 +79,9 @@ def test_card_metadata_round_trips(exported):
     }
     assert {result.dataset_config for result in data.eval_results} == {"xray", "ct"}
     # the body: standard usage, intended use and limits, evaluation table, BibTeX
-    for text in ("logits_per_image.softmax(dim=1)", "Intended use", "| chest CT | effusion | 0.500 |", "@article{"):
+    for text in ("logits_per_image.softmax(dim=1)", "Intended use", "| chest CT | effusion | 0.500 |", "@inproceedings{"):
         assert text in card.text
+    assert "https://arxiv.org/abs/2311.14851" in card.text and "eprint        = {2311.14851}" in card.text
     assert ModelCard(str(card)).data.to_dict() == data.to_dict()
 
 

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION
 from modeling_unimedi.report_processing_unimedi import count_sentences
 from processing.groundtruth.__main__ import main
 from processing.groundtruth.drr import Pose, XrayLook, line_integral, radiograph
@@ -42,7 +41,7 @@ from processing.groundtruth.reports import (
     parse_report,
     write_report,
 )
-from processing.schema import CT, XRAY, decode_volume
+from processing.schema import CT, XRAY, decode_grid, decode_slab_images, decode_volume
 from processing.shards import stream_split
 
 SEED, NUM_XRAYS, NUM_CTS = 0, 10, 5
@@ -115,10 +114,9 @@ def test_shards_round_trip_in_the_record_layout(dataset):
             continue
         volume = decode_volume(record)
         assert volume.shape == (32, 128, 128) and volume.dtype == np.int16
-        assert record["orientation"] == CANONICAL_ORIENTATION
         scanned = metadata["look"]["scan_stop"] - metadata["look"]["scan_start"]
         assert 0.35 * 133 - 1 <= scanned <= 0.55 * 133 + 1
-        np.testing.assert_allclose(record["spacing"], (scanned * 2.5 / 32, in_plane, in_plane), rtol=1e-5)
+        np.testing.assert_allclose(decode_grid(record["volume"], "volume").spacing, (scanned * 2.5 / 32, in_plane, in_plane), rtol=1e-5)
         assert -1024 <= volume.min() < -900 and 300 < volume.max() <= 3071  # air and bone/contrast present
         assert (metadata["slab_depth"], metadata["num_slabs"]) == (SLAB, 8)
         for lesion in metadata["lesions"]:
@@ -181,10 +179,14 @@ def test_same_seed_gives_identical_data(dataset, tmp_path):
         again = list(stream_split(tmp_path, split))
         assert len(again) == len(dataset[2][split])
         for first, second in zip(dataset[2][split], again):
-            for key in ("sample_id", "report", "labels", "metadata", "volume", "spacing"):
+            for key in ("sample_id", "report", "labels", "metadata"):
                 assert first[key] == second[key], key
             if first["modality"] == XRAY:
                 np.testing.assert_array_equal(_image(first), _image(second))
+            else:
+                assert decode_grid(first["volume"], "first").spacing == decode_grid(second["volume"], "again").spacing
+                np.testing.assert_array_equal(decode_volume(first), decode_volume(second))
+                np.testing.assert_array_equal(decode_slab_images(first), decode_slab_images(second))
 
 
 def test_sixteen_bit_radiographs_use_the_full_range(generator):
@@ -359,9 +361,10 @@ def test_xrays_are_not_projections_of_the_emitted_cts(dataset):
     leak_look = XrayLook(black_percentile=4.0, gamma=1.2, noise=0.02, noise_seed=7)
     plain, leaked = [], []
     for record in cts:
-        integrals = line_integral(decode_volume(record).astype(np.float32), record["spacing"])
-        plain.append(_edges(radiograph(integrals, record["spacing"], Pose(), XrayLook(), 256)))
-        leaked.append(_edges(np.rint(radiograph(integrals, record["spacing"], Pose(), leak_look, 256) * 255)))
+        volume, spacing = decode_grid(record["volume"], record["sample_id"])
+        integrals = line_integral(volume.astype(np.float32), spacing)
+        plain.append(_edges(radiograph(integrals, spacing, Pose(), XrayLook(), 256)))
+        leaked.append(_edges(np.rint(radiograph(integrals, spacing, Pose(), leak_look, 256) * 255)))
     controls = [float(np.sum(a * b)) for a, b in zip(plain, leaked)]
     cross = np.array([[float(np.sum(x * p)) for p in plain] for x in xrays])
     assert min(controls) > 0.9, controls

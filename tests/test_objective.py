@@ -252,6 +252,7 @@ def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
     from processing.groundtruth.drr import Pose
     from processing.groundtruth.generator import CTLook, GroundTruthConfig, GroundTruthGenerator
     from processing.groundtruth.lesions import insert_lesions
+    from processing.schema import decode_slab_images
 
     generator = GroundTruthGenerator(GroundTruthConfig(num_xrays=0, num_cts=4))
     case = generator.case("ct", 0)
@@ -265,7 +266,7 @@ def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
         central = int((slab + 0.5) * depth / num_slabs)
         assert np.abs(images[slab].astype(np.float32) - np.rint(working[central])).max() <= 1
     record = generator.record(case)
-    assert record["slab_images_shape"] == [num_slabs, 224, 224]
+    assert decode_slab_images(record).shape == (num_slabs, 224, 224)
 
 
 def test_collator_passes_stored_slab_images_with_their_volumes():

@@ -1,5 +1,6 @@
-"""UniMedIForPreTraining under transformers' Trainer: TrainerCollator takes Trainer's list of dataset rows and
-EMATeacherCallback moves the EMA teacher (Trainer alone never does)."""
+"""UniMedIForPreTraining under transformers' Trainer: TrainerCollator takes Trainer's list of dataset rows,
+EMATeacherCallback moves the EMA teacher (Trainer alone never does) and PreTrainingTrainer warms the teacher
+temperature up as training.schedules says."""
 
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from modeling_unimedi import (
     UniMedIVolumeProcessor,
 )
 from processing.schema import ct_record, xray_record
-from training.trainer import EMATeacherCallback, TrainerCollator
+from training.schedules import teacher_temperature
+from training.trainer import EMATeacherCallback, PreTrainingTrainer, TrainerCollator
 
 VISION = dict(TINY_VISION, volume_size=(16, 32, 32))
 
@@ -72,6 +74,20 @@ def new_model(vocab_size: int) -> UniMedIForPreTraining:
     return UniMedIForPreTraining(config)
 
 
+def training_arguments(output_dir: Path, max_steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+
+
 def test_collator_takes_a_list_of_rows_xrays_first(processor, rows):
     batch = TrainerCollator(processor, training=False)(rows)
     assert batch["pixel_values"].shape[0] == 2 and batch["volume_values"].shape[0] == 2
@@ -83,20 +99,9 @@ def test_collator_takes_a_list_of_rows_xrays_first(processor, rows):
 def test_two_trainer_steps_move_the_teacher_only_with_the_callback(processor, rows, tmp_path, with_callback):
     model = new_model(len(processor.tokenizer))
     teacher_before = [p.detach().clone() for p in model.teacher.parameters()]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        remove_unused_columns=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        dataloader_num_workers=0,
-    )
     trainer = Trainer(
         model=model,
-        args=args,
+        args=training_arguments(tmp_path, max_steps=2),
         train_dataset=rows,
         data_collator=TrainerCollator(processor),
         callbacks=[EMATeacherCallback()] if with_callback else [],
@@ -107,3 +112,23 @@ def test_two_trainer_steps_move_the_teacher_only_with_the_callback(processor, ro
         assert int(model.num_teacher_updates) == 2 and moved > 0
     else:
         assert int(model.num_teacher_updates) == 0 and moved == 0
+
+
+def test_pretraining_trainer_warms_the_teacher_temperature_up_as_the_schedule_says(processor, rows, tmp_path):
+    model = new_model(len(processor.tokenizer))
+    model.config.teacher_temperature_warmup_steps = 2  # 0.04 at step 0 -> 0.07 from step 2 on
+    passed = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: passed.append(kwargs["teacher_temperature"]), with_kwargs=True
+    )
+    trainer = PreTrainingTrainer(
+        model=model,
+        args=training_arguments(tmp_path, max_steps=3),
+        train_dataset=rows,
+        data_collator=TrainerCollator(processor),
+    )
+    trainer.train()
+    expected = [teacher_temperature(model.config, step) for step in range(3)]
+    assert expected == pytest.approx([0.04, 0.055, 0.07])
+    assert passed == pytest.approx(expected)
+    assert int(model.num_teacher_updates) == 3  # the trainer brought its EMATeacherCallback

@@ -12,11 +12,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
-from datasets import Image, load_dataset
+from datasets import Image, Nifti, load_dataset
 from PIL import Image as PILImage
 
 from processing.schema import CT, FEATURES, XRAY, decode_slab_images, decode_volume
-from processing.shards import modality_shards
+from processing.shards import check_shard_layout, modality_shards
 
 # datasets sleeps config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) each time a parquet shard iterator closes, a guard
 # against pyarrow scanner threads outliving the interpreter. A shuffled stream closes one per shard, so training
@@ -37,6 +37,7 @@ def shard_files(data: str | list[str], split: str) -> list[str] | None:
         if not found:
             raise FileNotFoundError(f"no '{split}-*.parquet' shards in {folder}")
         files += found
+    check_shard_layout(files)
     return files
 
 
@@ -108,6 +109,8 @@ class ModalityStream:
     def _modality_only(self, dataset):
         """Undecoded records of this stream's modality (shards of several modalities, or a Hub dataset, hold both)."""
         dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
+        for column in ("volume", "slab_images"):  # the collator reads the voxels straight from the NIfTI bytes
+            dataset = dataset.cast_column(column, Nifti(decode=False))
         return dataset.filter(lambda record: record["modality"] == self.modality)
 
     def take(self, count: int) -> list[dict]:
@@ -189,7 +192,8 @@ class MixedBatches:
 class PretrainCollator:
     """Records -> model inputs through `UniMedIProcessor` (X-rays first, then CTs, reports in the same order).
 
-    CT records hold int16 HU already on the processor grid, so the volume processor only windows them (`window_grid`).
+    CT records hold int16 HU already on the processor grid (NIfTI bytes read without decoding, `decode_volume`), so the
+    volume processor only windows them (`window_grid`).
     When every CT record stores native slab images, they are windowed and flipped with their volumes and passed as
     `slab_images` (the pseudo-2D images of `pseudo_image_source="native"`).
     """

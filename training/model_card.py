@@ -48,13 +48,18 @@ Data summary:
 
 # ---------------------------------------------------------------- release card (training.export)
 
+# The paper (title and authors as in shared/paper/paper.txt, which does not state its arXiv id): arXiv 2311.14851,
+# published at ECCV 2024, as copies of the arXiv abstract page and the ECCV 2024 proceedings page (doi below) show.
 PAPER_URL = "https://arxiv.org/abs/2311.14851"
-BIBTEX = """@article{he2023unimedi,
-  title   = {Unified Medical Image Pre-training in Language-Guided Common Semantic Space},
-  author  = {He, Xiaoxuan and Yang, Yifan and Jiang, Xinyang and Luo, Xufang and Hu, Haoji and Zhao, Siyun and
-             Li, Dongsheng and Yang, Yuqing and Qiu, Lili},
-  journal = {arXiv preprint arXiv:2311.14851},
-  year    = {2023}
+BIBTEX = """@inproceedings{he2024unimedi,
+  title         = {Unified Medical Image Pre-training in Language-Guided Common Semantic Space},
+  author        = {He, Xiaoxuan and Yang, Yifan and Jiang, Xinyang and Luo, Xufang and Hu, Haoji and Zhao, Siyun and
+                   Li, Dongsheng and Yang, Yuqing and Qiu, Lili},
+  booktitle     = {European Conference on Computer Vision (ECCV)},
+  year          = {2024},
+  doi           = {10.1007/978-3-031-73004-7_8},
+  eprint        = {2311.14851},
+  archivePrefix = {arXiv}
 }"""
 TAGS = ["medical-imaging", "chest-x-ray", "ct", "vision-language", "clip", "zero-shot", "unimedi"]
 MODALITY_NAMES = {"xray": "chest X-ray", "ct": "chest CT"}

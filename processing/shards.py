@@ -120,6 +120,11 @@ COLUMN_DESCRIPTIONS = {
     ),
     "labels": "finding names when known (benchmark and downstream data); empty otherwise",
     "metadata": "JSON object with source-specific extras (ids, view, lesion slabs, ...)",
+    "mask_image": "X-ray, optional: uint8 label map (8-bit grayscale PNG) the size of `image`; 0 = background",
+    "mask_volume": "CT, optional: uint8 label map as a NIfTI-1 file on the grid of `volume`; 0 = background",
+    "mask_labels": "names of the mask values 1..K; empty without a mask",
+    "boxes": "X-ray, optional: boxes as [x0, y0, x1, y1] pixels of `image`",
+    "box_labels": "the name of each box",
 }
 
 

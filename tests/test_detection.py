@@ -199,3 +199,72 @@ def test_save_load_round_trip_auto_class_and_remote_code(tmp_path, saved_folders
     name, module = out.splitlines()[0].split()
     assert name == "UniMedIForObjectDetection" and not module.startswith("modeling_unimedi")
     assert out.splitlines()[1] == "True"
+
+
+# --- training.downstream.detection -----------------------------------------------------------------------------------
+
+
+def test_map_is_one_for_perfect_boxes_and_lower_for_shifted_ones():
+    from training.downstream.detection import box_map
+
+    truth = [
+        {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([0])},
+        {"boxes": torch.tensor([[100.0, 80.0, 160.0, 120.0], [5.0, 5.0, 25.0, 30.0]]), "labels": torch.tensor([1, 0])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
+
+    def predicted(shift: float) -> list[dict]:
+        return [
+            {"boxes": t["boxes"] + shift, "scores": torch.full((len(t["boxes"]),), 0.9), "labels": t["labels"]}
+            for t in truth
+        ]
+
+    perfect = box_map(predicted(0.0), truth)
+    assert perfect == {"map": 1.0, "map_50": 1.0, "map_40_75": 1.0}
+    # 3 px diagonally: IoU 0.60 (the 20x25 box) to 0.78, so all matched at 0.5, none above 0.8
+    shifted = box_map(predicted(3.0), truth)
+    assert shifted["map_50"] == 1.0
+    assert shifted["map"] < shifted["map_40_75"] < 1.0
+    assert box_map(predicted(0.0)[2:], truth[2:]) == {"map": None, "map_50": None, "map_40_75": None}
+
+
+def xray_record_bytes(image: np.ndarray) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_collator_moves_boxes_with_the_image_and_clips_them_to_the_crop():
+    from training.downstream.detection import DATASETS, DetectionCollator
+
+    spec = DATASETS["groundtruth-detection"]
+    vision = tiny_config().vision_config  # 32-pixel input: training squares of round(32 * 256 / 224) = 37
+    image = np.zeros((80, 64), dtype=np.uint8)
+    image[20:60, 8:40] = 255
+    box, edge_box = [8.0, 20.0, 40.0, 60.0], [0.0, 0.0, 1.0, 1.0]  # the second is sub-pixel after resizing
+    record = {
+        "sample_id": "x",
+        "image": xray_record_bytes(image),
+        "boxes": [box, edge_box],
+        "box_labels": [spec.labels[1]] * 2,
+    }
+    evaluation = DetectionCollator(spec, vision, {}, training=False)([record])
+    assert evaluation["pixel_values"].shape == (1, 3, 32, 32)
+    (target,) = evaluation["labels"]
+    assert target["class_labels"].tolist() == [1]
+    rows, cols = torch.nonzero(evaluation["pixel_values"][0, 0] > 0.0, as_tuple=True)
+    found = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
+    assert torch.allclose(target["boxes"][0], found, atol=1.0)
+    torch.manual_seed(0)
+    training = DetectionCollator(spec, vision, {}, training=True)
+    for _ in range(5):
+        batch = training([record])
+        assert batch["pixel_values"].shape == (1, 3, 32, 32)
+        boxes = batch["labels"][0]["boxes"]
+        assert len(boxes) <= 1 and (boxes >= 0).all() and (boxes <= 32).all()
+    with pytest.raises(ValueError, match="each box needs one name"):
+        DetectionCollator(spec, vision, {}, training=False)([{**record, "box_labels": ["not-a-finding"] * 2}])
+    with pytest.raises(ValueError, match="only 'random_crop'"):
+        DetectionCollator(spec, vision, {"flip": True}, training=True)

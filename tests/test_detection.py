@@ -268,3 +268,34 @@ def test_collator_moves_boxes_with_the_image_and_clips_them_to_the_crop():
         DetectionCollator(spec, vision, {}, training=False)([{**record, "box_labels": ["not-a-finding"] * 2}])
     with pytest.raises(ValueError, match="only 'random_crop'"):
         DetectionCollator(spec, vision, {"flip": True}, training=True)
+
+
+def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_folders):
+    """The ground-truth generator's DRR X-rays with their lesion boxes, through `training.finetune` (in process)."""
+    from processing.groundtruth import GroundTruthConfig, generate
+    from training.finetune import main
+
+    data_config = GroundTruthConfig(num_xrays=24, num_cts=0, xray_size=48, split_fractions=(0.5, 0.25, 0.25))
+    generate(data_config, tmp_path / "data")
+    vision = {**tiny_config().vision_config.to_dict()}
+    settings = {
+        "dataset": "groundtruth-detection",
+        "data": str(tmp_path / "data"),
+        "output_dir": str(tmp_path / "run"),
+        "model": str(saved_folders["pretraining"]),
+        "head_config": json.dumps({k: v for k, v in TINY_DETECTION.items() if k != "num_labels"}),
+        "label_fraction": 0.5,
+        "batch_size": 4,
+        "num_epochs": 2,
+        "report_to": "none",
+    }
+    main(["--config", "training/configs/finetune/groundtruth_det.yaml", *(f"{k}={v}" for k, v in settings.items())])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train_subset"] == {"size": 6, "of": 12, "seed": 0}
+    assert results["metric"] == "map_40_75" and results["epochs_run"] == 2
+    assert set(results["test"]) == {"loss", "map", "map_50", "map_40_75"}
+    assert all(value is None or 0.0 <= value <= 1.0 for key, value in results["test"].items() if key != "loss")
+    best = UniMedIForObjectDetection.from_pretrained(tmp_path / "run" / "best")
+    source = UniMedIForPreTraining.from_pretrained(saved_folders["pretraining"]).unimedi.vision_model.state_dict()
+    assert all(torch.equal(source[key], value) for key, value in best.vision_model.state_dict().items())
+    assert best.config.detection_channels == TINY_DETECTION["detection_channels"]

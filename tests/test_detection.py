@@ -277,7 +277,6 @@ def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_fold
 
     data_config = GroundTruthConfig(num_xrays=24, num_cts=0, xray_size=48, split_fractions=(0.5, 0.25, 0.25))
     generate(data_config, tmp_path / "data")
-    vision = {**tiny_config().vision_config.to_dict()}
     settings = {
         "dataset": "groundtruth-detection",
         "data": str(tmp_path / "data"),

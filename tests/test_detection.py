@@ -275,7 +275,7 @@ def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_fold
     from processing.groundtruth import GroundTruthConfig, generate
     from training.finetune import main
 
-    data_config = GroundTruthConfig(num_xrays=24, num_cts=0, xray_size=48, split_fractions=(0.5, 0.25, 0.25))
+    data_config = GroundTruthConfig(num_xrays=12, num_cts=0, xray_size=48, split_fractions=(0.5, 0.25, 0.25))
     generate(data_config, tmp_path / "data")
     settings = {
         "dataset": "groundtruth-detection",
@@ -290,7 +290,7 @@ def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_fold
     }
     main(["--config", "training/configs/finetune/groundtruth_det.yaml", *(f"{k}={v}" for k, v in settings.items())])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["train_subset"] == {"size": 6, "of": 12, "seed": 0}
+    assert results["train_subset"] == {"size": 3, "of": 6, "seed": 0}
     assert results["metric"] == "map_40_75" and results["epochs_run"] == 2
     assert set(results["test"]) == {"loss", "map", "map_50", "map_40_75"}
     assert all(value is None or 0.0 <= value <= 1.0 for key, value in results["test"].items() if key != "loss")

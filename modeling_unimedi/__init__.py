@@ -1,9 +1,9 @@
 """UniMedI: unified 2D/3D medical vision-language pre-training, Hugging Face native.
 
 Importing this package registers the UniMedI classes with the transformers Auto* factories (AutoModel,
-AutoModelForZeroShotImageClassification, AutoModelForPreTraining, AutoModelForObjectDetection, AutoProcessor, ...) and the CT pipelines with
-PIPELINE_REGISTRY, and marks them for Hub export, so `save_pretrained` writes an `auto_map` and `custom_pipelines`
-and copies these flat files as remote code.
+AutoModelForZeroShotImageClassification, AutoModelForPreTraining, AutoModelForObjectDetection, AutoProcessor, ...)
+and the CT pipelines with PIPELINE_REGISTRY, and marks them for Hub export, so `save_pretrained` writes an `auto_map`
+and `custom_pipelines` and copies these flat files as remote code.
 """
 
 from transformers import (

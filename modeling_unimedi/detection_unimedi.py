@@ -207,7 +207,7 @@ class UniMedIForObjectDetection(FrozenEncoderMixin, UniMedIPreTrainedModel):
         return self.feature_pyramid(tokens.transpose(1, 2).unflatten(2, (grid_h, grid_w)))
 
     def forward(
-        self, pixel_values: torch.Tensor, labels: list[dict[str, torch.Tensor]] | None = None, **kwargs
+        self, pixel_values: torch.Tensor, labels: list[dict[str, torch.Tensor]] | None = None
     ) -> UniMedIObjectDetectionOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): X-rays from

@@ -273,7 +273,7 @@ def test_collator_moves_boxes_with_the_image_and_clips_them_to_the_crop():
 def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_folders):
     """The ground-truth generator's DRR X-rays with their lesion boxes, through `training.finetune` (in process)."""
     from processing.groundtruth import GroundTruthConfig, generate
-    from training.finetune import main
+    from training.finetune import CONFIG_DIR, main
 
     data_config = GroundTruthConfig(num_xrays=12, num_cts=0, xray_size=48, split_fractions=(0.5, 0.25, 0.25))
     generate(data_config, tmp_path / "data")
@@ -288,7 +288,7 @@ def test_finetune_detection_end_to_end_on_groundtruth_boxes(tmp_path, saved_fold
         "num_epochs": 2,
         "report_to": "none",
     }
-    main(["--config", "training/configs/finetune/groundtruth_det.yaml", *(f"{k}={v}" for k, v in settings.items())])
+    main(["--config", str(CONFIG_DIR / "groundtruth_det.yaml"), *(f"{k}={v}" for k, v in settings.items())])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train_subset"] == {"size": 3, "of": 6, "seed": 0}
     assert results["metric"] == "map_40_75" and results["epochs_run"] == 2

@@ -1,9 +1,9 @@
 """UniMedI: unified 2D/3D medical vision-language pre-training, Hugging Face native.
 
 Importing this package registers the UniMedI classes with the transformers Auto* factories (AutoModel,
-AutoModelForZeroShotImageClassification, AutoModelForPreTraining, AutoProcessor, ...) and the CT pipelines with
-PIPELINE_REGISTRY, and marks them for Hub export, so `save_pretrained` writes an `auto_map` and `custom_pipelines`
-and copies these flat files as remote code.
+AutoModelForZeroShotImageClassification, AutoModelForPreTraining, AutoModelForObjectDetection, AutoProcessor, ...)
+and the CT pipelines with PIPELINE_REGISTRY, and marks them for Hub export, so `save_pretrained` writes an `auto_map`
+and `custom_pipelines` and copies these flat files as remote code.
 """
 
 from transformers import (
@@ -11,6 +11,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
     AutoModelForPreTraining,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
@@ -18,6 +19,7 @@ from transformers import (
 
 from .classification_unimedi import UniMedIForImageClassification
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
+from .detection_unimedi import UniMedIForObjectDetection, UniMedIObjectDetectionOutput
 from .image_processing_unimedi import UniMedIImageProcessor
 from .loading_unimedi import CTVolume, load_ct, load_xray
 from .metrics_unimedi import recall_at_k
@@ -41,6 +43,7 @@ AutoModel.register(UniMedIVisionConfig, UniMedIVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(UniMedIConfig, UniMedIModel, exist_ok=True)
 AutoModelForPreTraining.register(UniMedIConfig, UniMedIForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(UniMedIConfig, UniMedIForImageClassification, exist_ok=True)
+AutoModelForObjectDetection.register(UniMedIConfig, UniMedIForObjectDetection, exist_ok=True)
 AutoImageProcessor.register(
     UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True
 )
@@ -52,6 +55,7 @@ UniMedIModel.register_for_auto_class("AutoModel")
 UniMedIVisionModel.register_for_auto_class("AutoModel")
 UniMedIForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 UniMedIForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+UniMedIForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 UniMedIProcessor.register_for_auto_class()  # also marks UniMedIImageProcessor for AutoImageProcessor
 
 __all__ = [
@@ -61,8 +65,10 @@ __all__ = [
     "UniMedIForPreTraining",
     "UniMedIForPreTrainingOutput",
     "UniMedIForImageClassification",
+    "UniMedIForObjectDetection",
     "UniMedIImageProcessor",
     "UniMedIModel",
+    "UniMedIObjectDetectionOutput",
     "UniMedIPreTrainedModel",
     "UniMedIProcessor",
     "UniMedITextModelWithProjection",

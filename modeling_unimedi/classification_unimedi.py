@@ -41,7 +41,30 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
     raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
 
 
-class UniMedIForImageClassification(UniMedIPreTrainedModel):
+class FrozenEncoderMixin:
+    """`freeze_encoder` for models that put a head on `self.vision_model`: a frozen encoder gets no gradients and
+    stays in eval mode even under `model.train()`, so dropout never touches the features; kept in the config."""
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return bool(getattr(self.config, "freeze_encoder", False))
+
+    def freeze_encoder(self) -> None:
+        """Take the encoder out of training (linear probe, decoder-only training); recorded in the config."""
+        self.config.freeze_encoder = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, except that a frozen encoder stays frozen and in eval mode. `from_pretrained` ends
+        with `eval()`, so this also re-freezes the parameters that loading the weights replaced."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+        return self
+
+
+class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
     """The shared 2D/3D vision encoder and a linear head on its [CLS] token; takes X-rays or CT volumes.
 
     `from_pretrained` accepts any UniMedI folder: an inference save (`UniMedIModel`, keys `vision_model.*`) or a
@@ -71,24 +94,6 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
             config.freeze_encoder = freeze_encoder
         if self.encoder_frozen:
             self.freeze_encoder()
-
-    @property
-    def encoder_frozen(self) -> bool:
-        return bool(getattr(self.config, "freeze_encoder", False))
-
-    def freeze_encoder(self) -> None:
-        """Linear-probe mode: the encoder gets no gradients and stays in eval mode; recorded in the config."""
-        self.config.freeze_encoder = True
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "UniMedIForImageClassification":
-        """As `nn.Module.train`, except that a frozen encoder stays frozen and in eval mode. `from_pretrained` ends
-        with `eval()`, so this also re-freezes the parameters that loading the weights replaced."""
-        super().train(mode)
-        if self.encoder_frozen:
-            self.vision_model.requires_grad_(False)
-            self.vision_model.eval()
-        return self
 
     @can_return_tuple
     def forward(

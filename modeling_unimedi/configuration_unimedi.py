@@ -239,6 +239,26 @@ class UniMedIConfig(PreTrainedConfig):
         pcl_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of L_pcl in the total loss.
 
+        Object detection ([`UniMedIForObjectDetection`]; ViTDet, Li et al. 2022, on torchvision's Faster R-CNN):
+        detection_strides (`tuple[int, ...]`, *optional*, defaults to `(4, 8, 16, 32)`):
+            Input pixels per cell of each level of the simple feature pyramid built from the last layer's patch grid
+            (ViTDet's 1/4 ... 1/32); each must be the patch size times or divided by a power of two.
+        detection_channels (`int`, *optional*, defaults to 256):
+            Width of every pyramid level and of the box head's convolutions (ViTDet, FPN).
+        detection_anchor_sizes (`tuple[int, ...]`, *optional*, defaults to `(32, 64, 128, 256)`):
+            Anchor side in pixels at each pyramid level: 8 x the level's stride, as torchvision's and ViTDet's FPN
+            anchors (32 at stride 4).
+        detection_aspect_ratios (`tuple[float, ...]`, *optional*, defaults to `(0.5, 1.0, 2.0)`):
+            Anchor height/width ratios at every level (ViTDet, torchvision).
+        detection_box_head_num_convs (`int`, *optional*, defaults to 4):
+            3x3 convolutions (with LayerNorm) before the box head's fully connected layer: ViTDet's "4conv1fc" head.
+        detection_rois_per_image (`int`, *optional*, defaults to 512):
+            Proposals sampled per image to train the box head (ViTDet, torchvision).
+        detection_score_threshold (`float`, *optional*, defaults to 0.05):
+            Detections scoring lower are dropped before non-maximum suppression (torchvision, detectron2).
+        detection_max_detections (`int`, *optional*, defaults to 100):
+            Detections kept per image (COCO's limit, which mAP is computed at).
+
     Example:
 
     ```python
@@ -295,6 +315,16 @@ class UniMedIConfig(PreTrainedConfig):
     icl_loss_weight: float = 1.0
     pcl_loss_weight: float = 1.0
 
+    # Object detection (UniMedIForObjectDetection)
+    detection_strides: list[int] | tuple[int, ...] = (4, 8, 16, 32)
+    detection_channels: int = 256
+    detection_anchor_sizes: list[int] | tuple[int, ...] = (32, 64, 128, 256)
+    detection_aspect_ratios: list[float] | tuple[float, ...] = (0.5, 1.0, 2.0)
+    detection_box_head_num_convs: int = 4
+    detection_rois_per_image: int = 512
+    detection_score_threshold: float = 0.05
+    detection_max_detections: int = 100
+
     def validate_architecture(self):
         for name in ("projection_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
             if getattr(self, name) <= 0:
@@ -322,6 +352,31 @@ class UniMedIConfig(PreTrainedConfig):
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.ema_momentum <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError("ema_momentum and center_momentum must be in [0, 1]")
+
+    def validate_detection(self):
+        """The detection fields: one anchor size per pyramid level, each level a power-of-two rescale of the patch
+        grid (the pyramid is built from deconvolutions, identity and max-pooling)."""
+        strides, patch = tuple(self.detection_strides), self.vision_config.patch_size
+        if not strides or len(strides) != len(self.detection_anchor_sizes):
+            raise ValueError(
+                f"detection_anchor_sizes {self.detection_anchor_sizes} needs one size per pyramid level of "
+                f"detection_strides {self.detection_strides}"
+            )
+        for stride in strides:
+            big, small = max(stride, patch), min(stride, patch)
+            if small <= 0 or big % small or (big // small) & (big // small - 1):
+                raise ValueError(
+                    f"detection_strides: {stride} is not the patch size ({patch}) times or divided by a power of two"
+                )
+        if any(size <= 0 for size in self.detection_anchor_sizes) or not all(
+            0 < ratio < float("inf") for ratio in self.detection_aspect_ratios
+        ):
+            raise ValueError("detection_anchor_sizes and detection_aspect_ratios must be positive and finite")
+        for name in ("detection_channels", "detection_rois_per_image", "detection_max_detections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.detection_box_head_num_convs < 0 or not 0.0 <= self.detection_score_threshold < 1.0:
+            raise ValueError("detection_box_head_num_convs must be >= 0 and detection_score_threshold in [0, 1)")
 
     @classmethod
     def for_ablation(

@@ -12,6 +12,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -31,6 +32,7 @@ from .modeling_unimedi import (
 from .pipelines_unimedi import VolumeFeatureExtractionPipeline, ZeroShotVolumeClassificationPipeline
 from .pretraining_unimedi import UniMedIForPreTraining, UniMedIForPreTrainingOutput
 from .processing_unimedi import UniMedIProcessor
+from .segmentation_unimedi import UniMedIForSemanticSegmentation
 from .volume_processing_unimedi import UniMedIVolumeProcessor
 from .zero_shot_unimedi import RetrievalResult, UniMedIZeroShot
 
@@ -41,6 +43,7 @@ AutoModel.register(UniMedIVisionConfig, UniMedIVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(UniMedIConfig, UniMedIModel, exist_ok=True)
 AutoModelForPreTraining.register(UniMedIConfig, UniMedIForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(UniMedIConfig, UniMedIForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(UniMedIConfig, UniMedIForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(
     UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True
 )
@@ -52,6 +55,7 @@ UniMedIModel.register_for_auto_class("AutoModel")
 UniMedIVisionModel.register_for_auto_class("AutoModel")
 UniMedIForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 UniMedIForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+UniMedIForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 UniMedIProcessor.register_for_auto_class()  # also marks UniMedIImageProcessor for AutoImageProcessor
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
     "UniMedIForPreTraining",
     "UniMedIForPreTrainingOutput",
     "UniMedIForImageClassification",
+    "UniMedIForSemanticSegmentation",
     "UniMedIImageProcessor",
     "UniMedIModel",
     "UniMedIPreTrainedModel",

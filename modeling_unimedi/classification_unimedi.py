@@ -41,7 +41,45 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
     raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
 
 
-class UniMedIForImageClassification(UniMedIPreTrainedModel):
+class FrozenEncoderMixin:
+    """The `freeze_encoder` switch shared by the heads on the UniMedI encoder (classification, segmentation).
+
+    Frozen (`freeze_encoder=True` in the constructor or `from_pretrained`, kept in the saved config, or
+    `freeze_encoder()`): `vision_model` gets no gradients and stays in eval mode even under `model.train()`, so dropout
+    never touches the features; only the head learns. A subclass calls `_init_frozen_encoder(flag)` after `post_init`.
+    """
+
+    def _init_frozen_encoder(self, freeze_encoder: bool | None) -> None:
+        if freeze_encoder is not None:
+            self.config.freeze_encoder = freeze_encoder
+        if self.encoder_frozen:
+            self.freeze_encoder()
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return bool(getattr(self.config, "freeze_encoder", False))
+
+    def freeze_encoder(self) -> None:
+        """The encoder gets no gradients and stays in eval mode; recorded in the config."""
+        self.config.freeze_encoder = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, except that a frozen encoder stays frozen and in eval mode. `from_pretrained` ends
+        with `eval()`, so this also re-freezes the parameters that loading the weights replaced."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+        return self
+
+    def encode(self, **inputs):
+        """`vision_model(**inputs)`, without building a graph through a frozen encoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            return self.vision_model(**inputs)
+
+
+class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
     """The shared 2D/3D vision encoder and a linear head on its [CLS] token; takes X-rays or CT volumes.
 
     `from_pretrained` accepts any UniMedI folder: an inference save (`UniMedIModel`, keys `vision_model.*`) or a
@@ -67,28 +105,7 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
         hidden_size = config.vision_config.hidden_size
         self.classifier = nn.Linear(hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-        if freeze_encoder is not None:
-            config.freeze_encoder = freeze_encoder
-        if self.encoder_frozen:
-            self.freeze_encoder()
-
-    @property
-    def encoder_frozen(self) -> bool:
-        return bool(getattr(self.config, "freeze_encoder", False))
-
-    def freeze_encoder(self) -> None:
-        """Linear-probe mode: the encoder gets no gradients and stays in eval mode; recorded in the config."""
-        self.config.freeze_encoder = True
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "UniMedIForImageClassification":
-        """As `nn.Module.train`, except that a frozen encoder stays frozen and in eval mode. `from_pretrained` ends
-        with `eval()`, so this also re-freezes the parameters that loading the weights replaced."""
-        super().train(mode)
-        if self.encoder_frozen:
-            self.vision_model.requires_grad_(False)
-            self.vision_model.eval()
-        return self
+        self._init_frozen_encoder(freeze_encoder)
 
     @can_return_tuple
     def forward(
@@ -109,8 +126,7 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
             raise ValueError(
                 "Give either `pixel_values` (X-rays) or `volume_values` (CT volumes), not both or neither"
             )
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            outputs = self.vision_model(pixel_values=pixel_values, volume_values=volume_values, **kwargs)
+        outputs = self.encode(pixel_values=pixel_values, volume_values=volume_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
 
         loss = None
@@ -124,4 +140,4 @@ class UniMedIForImageClassification(UniMedIPreTrainedModel):
         )
 
 
-__all__ = ["UniMedIForImageClassification"]
+__all__ = ["FrozenEncoderMixin", "UniMedIForImageClassification"]

@@ -176,7 +176,12 @@ class UniMedIConfig(PreTrainedConfig):
             Where a selected slab's pseudo-2D image comes from. `"native"`: the slab's central slice of the
             original-resolution CT at the 2D input size (the batch's `slab_images`, stored by data preparation;
             §3.2 treats selected slices as 2D images). `"grid"`: the slab's central slice of the 32x128x128 model
-            grid, upsampled (for data without native slices; the default until every data pipeline stores them).
+            grid, upsampled (for data without native slices; the default until the benchmark has measured "native").
+        volume_embedding (`str`, *optional*, defaults to `"volume"`):
+            What an inference CT embedding (`get_volume_features`, `forward`) encodes: `"volume"`, the 3D tokens
+            alone, or `"volume_with_slices"`, the 3D tokens followed by the pseudo-2D images of the CT's
+            `num_selected_slices` highest-scoring slabs (Eq. 1-2 on this encoder), the sequence whose [CLS] pretraining
+            trained.
         slice_selection (`str`, *optional*, defaults to `"attentive"`):
             `"attentive"` (Eq. 1-2 on the teacher's [CLS] attention) or `"random"` (Table 7's VL and VL+SD rows).
         self_distillation (`bool`, *optional*, defaults to `True`):
@@ -292,6 +297,7 @@ class UniMedIConfig(PreTrainedConfig):
 
     num_selected_slices: int = 2
     pseudo_image_source: Literal["native", "grid"] = "grid"
+    volume_embedding: Literal["volume", "volume_with_slices"] = "volume"
     slice_selection: Literal["attentive", "random"] = "attentive"
     self_distillation: bool = True
     token_masking: Literal["attentive", "random", "none"] = "attentive"

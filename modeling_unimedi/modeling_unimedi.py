@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unimedi import UniMedIConfig, UniMedIVisionConfig
 from .loss_unimedi import contrastive_loss
+from .slices_unimedi import pseudo_images, top_k_indices
 
 # Auto* factories a full UniMedI checkpoint serves as Hub remote code (`save_pretrained` writes them to `auto_map`).
 REMOTE_AUTO_MAP = {
@@ -517,6 +518,25 @@ def encode_text(
     )
 
 
+def encode_volumes(
+    vision_model: UniMedIVisionModel,
+    config: UniMedIConfig,
+    volume_values: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    slab_images: torch.Tensor | None = None,
+    **kwargs,
+) -> UniMedIVisionModelOutput:
+    """The vision pass of CTs: the 3D tokens, followed by `pixel_values` (batch, k, C, H, W) when given, else by the
+    selected slabs' pseudo-2D images when `config.volume_embedding` is "volume_with_slices" (the slabs scored by Eq.
+    1-2 on this encoder; native `slab_images` with `pseudo_image_source="native"`)."""
+    if pixel_values is None and config.volume_embedding == "volume_with_slices":
+        if config.num_selected_slices == 0:
+            raise ValueError("volume_embedding='volume_with_slices' needs num_selected_slices > 0")
+        slabs = top_k_indices(vision_model.slab_scores(volume_values), config.num_selected_slices)
+        pixel_values = pseudo_images(config, volume_values, slabs, slab_images)
+    return vision_model(volume_values=volume_values, pixel_values=pixel_values, return_dict=True, **kwargs)
+
+
 class UniMedIModel(UniMedIPreTrainedModel):
     """Vision encoder + report encoder + projections into the common space; `forward` takes a mixed 2D/3D batch."""
 
@@ -542,13 +562,17 @@ class UniMedIModel(UniMedIPreTrainedModel):
 
     @can_return_tuple
     def get_volume_features(
-        self, volume_values: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs
+        self,
+        volume_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        slab_images: torch.Tensor | None = None,
+        **kwargs,
     ) -> UniMedIVisionModelOutput:
-        r"""CT embeddings: `pooler_output` is the projected [CLS] of the 3D tokens (followed by the sample's 2D tokens
-        when `pixel_values` of shape (batch, k, C, H, W) is given), shape (batch, projection_dim)."""
-        return self._project_vision(
-            self.vision_model(volume_values=volume_values, pixel_values=pixel_values, return_dict=True, **kwargs)
-        )
+        r"""CT embeddings: `pooler_output` is the projected [CLS] of the CT's sequence (`encode_volumes`: the 3D tokens,
+        with the selected slices' tokens under `config.volume_embedding="volume_with_slices"`), shape
+        (batch, projection_dim)."""
+        outputs = encode_volumes(self.vision_model, self.config, volume_values, pixel_values, slab_images, **kwargs)
+        return self._project_vision(outputs)
 
     @can_return_tuple
     def get_text_features(
@@ -616,7 +640,7 @@ class UniMedIModel(UniMedIPreTrainedModel):
         if pixel_values is not None:
             image_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
         if volume_values is not None:
-            volume_outputs = self.vision_model(volume_values=volume_values, return_dict=True, **kwargs)
+            volume_outputs = encode_volumes(self.vision_model, self.config, volume_values, **kwargs)
         space = self.embed_batch(
             input_ids,
             attention_mask,
@@ -687,8 +711,12 @@ class UniMedIVisionModelWithProjection(UniMedIPreTrainedModel):
     def forward(
         self, pixel_values: torch.Tensor | None = None, volume_values: torch.Tensor | None = None, **kwargs
     ) -> UniMedIVisionModelWithProjectionOutput:
-        r"""`pixel_values` (X-rays), `volume_values` (CTs), or a CT with its 2D images, as [`UniMedIVisionModel`]."""
-        outputs = self.vision_model(pixel_values=pixel_values, volume_values=volume_values, return_dict=True, **kwargs)
+        r"""`pixel_values` (X-rays), `volume_values` (CTs; with their selected slices under
+        `config.volume_embedding="volume_with_slices"`), or a CT with its 2D images, as [`UniMedIVisionModel`]."""
+        if volume_values is None:
+            outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        else:
+            outputs = encode_volumes(self.vision_model, self.config, volume_values, pixel_values, **kwargs)
         return UniMedIVisionModelWithProjectionOutput(
             image_embeds=self.visual_projection(outputs.pooler_output),
             last_hidden_state=outputs.last_hidden_state,

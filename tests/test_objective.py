@@ -291,3 +291,34 @@ def test_collator_passes_stored_slab_images_with_their_volumes():
     assert torch.allclose(inputs["slab_images"][:, 1], torch.full((2, 1, 6, 6), 0.2))  # 200 HU windowed to [-1, 1]
     without = PretrainCollator(processor, training=False)([], [ct_record(sample_id="plain", **common)])
     assert "slab_images" not in without
+
+
+def test_volume_embedding_with_slices_feeds_the_top_slabs_pseudo_images():
+    from tiny_configs import tiny_config
+
+    from modeling_unimedi import UniMedIModel, UniMedIVisionModelWithProjection
+    from modeling_unimedi.slices_unimedi import pseudo_images, top_k_indices
+
+    torch.manual_seed(0)
+    volumes, texts = torch.rand(2, 1, 8, 32, 32), torch.randint(0, 100, (2, 6))
+    model = UniMedIModel(tiny_config(num_selected_slices=1, volume_embedding="volume_with_slices")).eval()
+    with torch.no_grad():
+        embedded = model.get_volume_features(volume_values=volumes).pooler_output
+        slabs = top_k_indices(model.vision_model.slab_scores(volumes), 1)
+        images = pseudo_images(model.config, volumes, slabs, None)
+        expected = model.visual_projection(model.vision_model(volume_values=volumes, pixel_values=images).pooler_output)
+        clip_volume_embeds = model(input_ids=texts, volume_values=volumes).volume_embeds
+        tower = UniMedIVisionModelWithProjection(model.config).eval()
+        tower.load_state_dict(model.state_dict(), strict=False)
+        tower_embeds = tower(volume_values=volumes).image_embeds
+        model.config.volume_embedding = "volume"
+        volume_only = model.get_volume_features(volume_values=volumes).pooler_output
+    assert images.shape == (2, 1, 3, 32, 32)
+    torch.testing.assert_close(embedded, expected)
+    torch.testing.assert_close(clip_volume_embeds, torch.nn.functional.normalize(expected, dim=-1))
+    torch.testing.assert_close(tower_embeds, expected)
+    assert not torch.allclose(volume_only, expected)
+    with pytest.raises(ValueError, match="num_selected_slices > 0"):
+        UniMedIModel(tiny_config(num_selected_slices=0, volume_embedding="volume_with_slices")).get_volume_features(
+            volume_values=volumes
+        )

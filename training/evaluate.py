@@ -63,13 +63,19 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    volume_embedding: str | None = None,
 ) -> dict:
-    """Every measurement on one saved model; writes metrics.json, metrics.md and the figures; returns the metrics."""
+    """Every measurement on one saved model; writes metrics.json, metrics.md and the figures; returns the metrics.
+
+    `volume_embedding` overrides the model's `config.volume_embedding` (CT embeddings of the 3D tokens alone, or
+    with the selected slices' tokens as pretraining's [CLS] saw them)."""
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir) if out_dir is not None else Path(model_dir).parent / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(model_dir, device)
+    if volume_embedding is not None:
+        model.config.volume_embedding = volume_embedding
     samples = load_samples(data_dir, split)
     zero_shot = UniMedIZeroShot(model, processor, batch_size=batch_size)
     encoded = {modality: encode(zero_shot, samples[modality]) for modality in MODALITIES}
@@ -79,6 +85,7 @@ def evaluate(
         "model": str(model_dir),
         "data": str(data_dir),
         "split": split,
+        "volume_embedding": model.config.volume_embedding,
         "counts": {modality: len(samples[modality]) for modality in MODALITIES},
         "prompts": FINDING_PROMPTS,
         **measure(zero_shot, samples, encoded, scores, load_ct_metadata(data_dir, TRAIN_SPLIT)),
@@ -159,9 +166,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="output folder (default: evaluation/ next to the model folder)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--volume-embedding",
+        choices=("volume", "volume_with_slices"),
+        help="CT embeddings from the 3D tokens alone or with the selected slices (default: the model's config)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    metrics = evaluate(args.model, args.data, args.split, args.out, args.batch_size, args.device)
+    metrics = evaluate(
+        args.model, args.data, args.split, args.out, args.batch_size, args.device, args.volume_embedding
+    )
     print(markdown_report(metrics))
     return metrics
 

@@ -1,4 +1,4 @@
-"""Downstream classification (paper §4.2, appendix §7.1): linear probe or fine-tuning of a UniMedI encoder.
+"""Downstream tasks (paper §4.2, appendix §7): one entry point for classification, segmentation and detection.
 
     python -m training.finetune                         # ground-truth X-rays, linear probe, random-init demo encoder
     python -m training.finetune --config training/configs/finetune/groundtruth_ct.yaml model=outputs/demo/final
@@ -6,15 +6,15 @@
         data=data/chexpert model=outputs/pretrain/final label_fraction=0.01
     python -m training.finetune --config ... --resume   # continue from the last complete epoch checkpoint
 
-Protocol: a seeded, stratified `label_fraction` of the training split; model selection on the validation loss (the
-lowest-loss epoch is kept, training stops after `early_stopping_patience` epochs without a lower one); that model is
-tested once. Writes `results.json` (test metrics, settings, the training subset's size and ids), `results.md` (one
-table row), `history.jsonl`, `best/` (the selected classifier, `from_pretrained`-ready), `checkpoints/step-<epoch>`.
+Protocol, the same for every task: a seeded, stratified `label_fraction` of the training split; model selection on the
+validation loss (the lowest-loss epoch is kept, training stops after `early_stopping_patience` epochs without a lower
+one); that model is tested once. What differs per task (inputs, head, metric) lives in `training/downstream/`; the
+dataset picks the task. Writes `results.json` (test metrics, settings, the training subset's size and ids), `results.md` (one
+table row), `history.jsonl`, `best/` (the selected model, `from_pretrained`-ready), `checkpoints/step-<epoch>`.
 """
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -25,69 +25,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from datasets import Image, load_dataset
-from PIL import Image as PILImage
-from sklearn.metrics import accuracy_score, roc_auc_score
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling_unimedi import UniMedIConfig, UniMedIForImageClassification
-from modeling_unimedi.classification_unimedi import classification_loss
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
-from processing import cc_ccii, chexpert, covidx, luna16, rsna
-from processing.groundtruth.reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS
-from processing.schema import CT, FEATURES, XRAY, decode_volume
-from processing.shards import modality_shards
 from training import checkpointing
-from training.data import shard_files
-from training.pretrain import ensure_default_data, trackers, xray_processor
+from training.downstream import DATASETS, TASKS
+from training.downstream.common import batch_size
+from training.pretrain import ensure_default_data, trackers
 
 logger = logging.getLogger("unimedi.finetune")
 CONFIG_DIR = Path(__file__).parent / "configs" / "finetune"
 DEFAULT_CONFIG = CONFIG_DIR / "groundtruth_xray.yaml"
-SPLITS = ("train", "validation", "test")
-MULTI_LABEL, SINGLE_LABEL = "multi_label_classification", "single_label_classification"
-MEAN_AUROC, ACCURACY = "mean_auroc", "accuracy"
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What a downstream dataset asks: input modality, label names (the records' `labels` column), loss, metric."""
-
-    modality: str
-    labels: tuple[str, ...]
-    problem_type: str
-    metric: str
-
-
-# Metrics as the paper reports them: mean AUROC for CheXpert and RSNA, accuracy for COVIDx, CC-CCII, LUNA16 (§4.2).
-DATASETS = {
-    "chexpert": DatasetSpec(XRAY, chexpert.CLASSES, MULTI_LABEL, MEAN_AUROC),
-    "rsna": DatasetSpec(XRAY, rsna.CLASSES, MULTI_LABEL, MEAN_AUROC),
-    "covidx": DatasetSpec(XRAY, covidx.CLASSES, SINGLE_LABEL, ACCURACY),
-    "cc-ccii": DatasetSpec(CT, cc_ccii.CLASSES, SINGLE_LABEL, ACCURACY),
-    "luna16": DatasetSpec(CT, luna16.CLASSES, SINGLE_LABEL, ACCURACY),
-    # offline stand-ins: the ground-truth benchmark's findings ("normal" = none of them)
-    "groundtruth-xray": DatasetSpec(XRAY, GROUNDTRUTH_FINDINGS, MULTI_LABEL, MEAN_AUROC),
-    "groundtruth-ct": DatasetSpec(CT, GROUNDTRUTH_FINDINGS, MULTI_LABEL, MEAN_AUROC),
-}
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = "classification"  # the only task so far (segmentation/detection: not built)
-    dataset: str = "groundtruth-xray"  # a key of DATASETS
+    dataset: str = "groundtruth-xray"  # a key of training.downstream.DATASETS; it decides the task
+    task: str | None = None  # optional check: "classification" | ... ; None: the dataset's task
     data: str = "data/groundtruth"  # folder of `{train,validation,test}-*.parquet` shards (processing/ readers)
     generate_default_data: bool = True  # build the ground-truth benchmark when `data` is its missing default folder
     model: str | None = None  # any UniMedI folder (inference or pretraining save) or Hub id; None: random init
     model_config: dict = field(default_factory=dict)  # UniMedIConfig fields for a random-init encoder
+    head_config: dict = field(default_factory=dict)  # config fields of the task's head (decoder widths, loss weights)
     label_fraction: float = 1.0  # share of the training split used: 0.01 / 0.1 / 1.0 in the paper
-    linear_probe: bool = True  # frozen encoder + linear head (§4.2); false: fine-tune the whole network
+    freeze_encoder: bool = True  # only the head trains: linear probe (§4.2), decoder-only segmentation (§7.2)
     batch_size: int = 48  # appendix §7.1: 48 for linear classification (96 for full-data CheXpert fine-tuning)
     head_learning_rate: float = 5e-4  # appendix §7.1: AdamW lr 5e-4 (COVIDx 5e-3)
     encoder_learning_rate: float = 5e-5  # fine-tuning only; the paper gives none: a tenth of the head's
@@ -95,6 +59,7 @@ class FinetuneConfig:
     num_epochs: int = 50  # appendix §7.1 (LUNA16: 100)
     early_stopping_patience: int = 10  # appendix §7.1: stop after 10 epochs without a lower validation loss
     volume_flip_axes: list[int] = field(default_factory=lambda: [2])  # CTs: random flips when training (§7.1)
+    augmentation: dict = field(default_factory=dict)  # task-specific training augmentations (see the task's collator)
     num_workers: int = 0
     mixed_precision: str = "no"
     seed: int = 0
@@ -104,17 +69,24 @@ class FinetuneConfig:
     report_to: str = "auto"  # "auto" (tensorboard if installed), "none", or an Accelerate tracker name
 
     def __post_init__(self):
-        if self.task != "classification":
-            raise ValueError(f"task {self.task!r} is not supported; only 'classification'")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
+        dataset_task = DATASETS[self.dataset].task
+        if self.task not in (None, dataset_task):
+            known = sorted(name for name, spec in DATASETS.items() if spec.task == self.task)
+            raise ValueError(
+                f"dataset {self.dataset!r} is for {dataset_task}, not {self.task}: {self.task} has {known}"
+            )
+        self.task = dataset_task
         if not 0.0 < float(self.label_fraction) <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         for name in ("batch_size", "num_epochs", "early_stopping_patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.output_dir is None:
-            protocol = "probe" if self.linear_probe else "finetune"
+            protocol = "probe" if self.freeze_encoder else "finetune"
             self.output_dir = f"outputs/finetune/{self.dataset}-{protocol}-{self.label_fraction:g}"
 
 
@@ -139,173 +111,6 @@ def load_settings(path: str | Path | None, overrides: list[str]) -> FinetuneConf
     return FinetuneConfig(**values)
 
 
-# --- data ------------------------------------------------------------------------------------------------------------
-
-
-def targets(labels_per_record: list[list[str]], spec: DatasetSpec, where: str) -> np.ndarray:
-    """The records' `labels` as model targets: (N, L) 0/1 for multi-label, (N,) class indices for single-label."""
-    index = {name: i for i, name in enumerate(spec.labels)}
-    if spec.problem_type == MULTI_LABEL:
-        matrix = np.zeros((len(labels_per_record), len(spec.labels)), dtype=np.float32)
-        for row, names in enumerate(labels_per_record):
-            for name in names:
-                if name in index:
-                    matrix[row, index[name]] = 1.0
-        return matrix
-    classes = []
-    for row, names in enumerate(labels_per_record):
-        known = [name for name in names if name in index]
-        if len(known) != 1:
-            raise ValueError(f"{where}: record {row} has labels {names}; expected exactly one of {spec.labels}")
-        classes.append(index[known[0]])
-    return np.asarray(classes, dtype=np.int64)
-
-
-def stratified_subset(strata: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded subset of round(fraction * N) items (at least 1) with each stratum's share kept.
-
-    Quotas by largest remainder, so tiny fractions of rare strata still add up to the exact size (scikit-learn's
-    stratified split refuses strata of one item and subsets smaller than the number of strata, both common at 1 %).
-    """
-    if fraction >= 1.0:
-        return np.arange(len(strata))
-    rng = np.random.default_rng(seed)
-    names, inverse = np.unique(np.asarray(strata), return_inverse=True)
-    counts = np.bincount(inverse, minlength=len(names))
-    total = max(1, round(fraction * len(strata)))
-    exact = counts * total / len(strata)
-    quotas = np.floor(exact).astype(int)
-    remainder_order = np.lexsort((rng.random(len(names)), -(exact - quotas)))
-    quotas[remainder_order[: total - quotas.sum()]] += 1
-    chosen = [rng.choice(np.flatnonzero(inverse == i), size=q, replace=False) for i, q in enumerate(quotas) if q]
-    return np.sort(np.concatenate(chosen))
-
-
-def strata_of(target: np.ndarray) -> list[str]:
-    """Stratum of each record: its class, or its combination of positive labels (multi-label)."""
-    return [str(row) if np.ndim(row) == 0 else "".join("1" if v else "0" for v in row) for row in target]
-
-
-def load_split(config: FinetuneConfig, split: str):
-    """A split's records of the dataset's modality, images/volumes left undecoded (decoded per batch)."""
-    spec = DATASETS[config.dataset]
-    files = shard_files(config.data, split)
-    if files is None:
-        raise FileNotFoundError(f"data folder {config.data} does not exist (write it with a processing/ reader)")
-    own = modality_shards(files, spec.modality)
-    dataset = load_dataset("parquet", data_files={split: own or files}, split=split, features=FEATURES)
-    if not own:
-        dataset = dataset.filter(lambda modality: modality == spec.modality, input_columns="modality")
-    if len(dataset) == 0:
-        raise ValueError(f"{config.data}: the {split!r} split holds no {spec.modality} records")
-    return dataset.cast_column("image", Image(decode=False))
-
-
-class ClassificationCollator:
-    """Records -> `pixel_values` or `volume_values` (the pretraining processors: random crop or flips when training)
-    plus `labels`."""
-
-    def __init__(self, spec: DatasetSpec, vision_config, flip_axes, training: bool):
-        self.spec, self.training = spec, training
-        self.image_processor = xray_processor(vision_config)
-        self.volume_processor = UniMedIVolumeProcessor(
-            volume_size=tuple(vision_config.volume_size), flip_axes=tuple(flip_axes) or (2,),
-            flip_probability=0.5 if flip_axes else 0.0,
-        )  # fmt: skip
-
-    def __call__(self, records: list[dict]) -> dict:
-        if self.spec.modality == XRAY:
-            images = [PILImage.open(io.BytesIO(record["image"]["bytes"])) for record in records]
-            inputs = dict(self.image_processor(images, training=self.training))
-        else:
-            inputs = dict(self.volume_processor([decode_volume(r) for r in records], training=self.training))
-        inputs["labels"] = torch.from_numpy(np.stack([record["target"] for record in records]))
-        return inputs
-
-
-def build_loaders(config: FinetuneConfig, vision_config) -> tuple[dict, dict]:
-    """DataLoaders of the three splits (train: the stratified label subset) and what the subset was."""
-    spec = DATASETS[config.dataset]
-    loaders, subset = {}, {}
-    for split in SPLITS:
-        dataset = load_split(config, split)
-        target = targets(dataset["labels"], spec, f"{config.data} ({split})")
-        if split == "train":
-            keep = stratified_subset(strata_of(target), config.label_fraction, config.seed)
-            subset = {"size": len(keep), "of": len(dataset), "sample_ids": [dataset["sample_id"][i] for i in keep]}
-            dataset, target = dataset.select(keep), target[keep]
-        dataset = dataset.add_column("target", list(target))
-        collate = ClassificationCollator(spec, vision_config, config.volume_flip_axes, training=split == "train")
-        loaders[split] = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=split == "train",
-            collate_fn=collate,
-            num_workers=config.num_workers,
-        )
-    return loaders, subset
-
-
-# --- model, metrics --------------------------------------------------------------------------------------------------
-
-
-def build_model(config: FinetuneConfig) -> UniMedIForImageClassification:
-    spec = DATASETS[config.dataset]
-    head = {
-        "num_labels": len(spec.labels),
-        "id2label": dict(enumerate(spec.labels)),
-        "label2id": {name: i for i, name in enumerate(spec.labels)},
-        "problem_type": spec.problem_type,
-        "freeze_encoder": config.linear_probe,
-    }
-    if config.model is None:
-        return UniMedIForImageClassification(UniMedIConfig(**config.model_config, **head))
-    model, info = UniMedIForImageClassification.from_pretrained(config.model, output_loading_info=True, **head)
-    missing = [key for key in info["missing_keys"] if not key.startswith("classifier.")]
-    if missing:
-        raise ValueError(f"{config.model}: encoder weights missing from the checkpoint: {sorted(missing)[:5]} ...")
-    return model
-
-
-def optimizer_groups(model: UniMedIForImageClassification, config: FinetuneConfig) -> list[dict]:
-    """The head at its own rate; when fine-tuning, the encoder at `encoder_learning_rate` (AdamW, §7.1)."""
-    groups = [{"params": list(model.classifier.parameters()), "lr": config.head_learning_rate}]
-    if not config.linear_probe:
-        groups.append({"params": list(model.vision_model.parameters()), "lr": config.encoder_learning_rate})
-    return groups
-
-
-def metrics(spec: DatasetSpec, logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Mean AUROC over labels (labels with one class in the split are left out) or accuracy, via scikit-learn."""
-    if spec.metric == ACCURACY:
-        result = {ACCURACY: float(accuracy_score(labels, logits.argmax(-1)))}
-        if len(spec.labels) == 2 and len(np.unique(labels)) == 2:  # LUNA16 is also reported as AUROC (Table 3)
-            probabilities = torch.from_numpy(logits).softmax(-1)[:, 1].numpy()
-            result["auroc"] = float(roc_auc_score(labels, probabilities))
-        return result
-    per_label = {
-        name: float(roc_auc_score(labels[:, i], logits[:, i]))
-        for i, name in enumerate(spec.labels)
-        if len(np.unique(labels[:, i])) == 2
-    }
-    mean = float(np.mean(list(per_label.values()))) if per_label else None
-    return {MEAN_AUROC: mean, "auroc_per_label": per_label}
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, spec: DatasetSpec) -> dict:
-    """Loss and the dataset's metric over a whole split (every process's samples gathered, padding dropped)."""
-    model.eval()
-    all_logits, all_labels = [], []
-    for batch in loader:
-        logits, labels = accelerator.gather_for_metrics((model(**batch).logits, batch["labels"]))
-        all_logits.append(logits.float().cpu())
-        all_labels.append(labels.cpu())
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    loss = classification_loss(logits, labels, spec.problem_type)
-    return {"loss": float(loss), **metrics(spec, logits.numpy(), labels.numpy())}
-
-
 # --- training --------------------------------------------------------------------------------------------------------
 
 
@@ -320,7 +125,7 @@ def train(config: FinetuneConfig) -> dict:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     set_seed(config.seed)
-    spec = DATASETS[config.dataset]
+    spec, task = DATASETS[config.dataset], TASKS[config.task]
     if accelerator.is_main_process and config.dataset.startswith("groundtruth"):
         # pretrain's generator check reads only these two settings
         ensure_default_data(
@@ -328,9 +133,9 @@ def train(config: FinetuneConfig) -> dict:
         )
     accelerator.wait_for_everyone()
 
-    model = build_model(config)
-    loaders, subset = build_loaders(config, model.config.vision_config)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config), weight_decay=config.weight_decay)
+    model = task.build_model(config, spec)
+    loaders, subset = task.build_loaders(config, spec, model.config.vision_config)
+    optimizer = torch.optim.AdamW(task.optimizer_groups(model, config), weight_decay=config.weight_decay)
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, loaders["train"], loaders["validation"], loaders["test"]
     )
@@ -342,14 +147,14 @@ def train(config: FinetuneConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.init_trackers("unimedi-finetune", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
-    state = run_epochs(config, accelerator, model, optimizer, (train_loader, validation_loader), spec, state)
+    state = run_epochs(config, accelerator, model, optimizer, (train_loader, validation_loader), state)
     accelerator.wait_for_everyone()
-    results = test_selected(config, accelerator, model, test_loader, spec, state, subset)
+    results = test_selected(config, accelerator, model, test_loader, state, subset)
     accelerator.end_training()
     return results
 
 
-def run_epochs(config: FinetuneConfig, accelerator, model, optimizer, loaders, spec, state: dict) -> dict:
+def run_epochs(config: FinetuneConfig, accelerator, model, optimizer, loaders, state: dict) -> dict:
     """Epochs from `state` on: train, validate, keep the lowest-validation-loss model in `best/`, checkpoint, stop
     early after `early_stopping_patience` epochs without improvement; returns the final early-stopping state."""
     output_dir, (train_loader, validation_loader) = Path(config.output_dir), loaders
@@ -362,7 +167,7 @@ def run_epochs(config: FinetuneConfig, accelerator, model, optimizer, loaders, s
         if state["epochs_without_improvement"] >= config.early_stopping_patience:
             break
         train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, epoch, progress)
-        validation = evaluate(model, validation_loader, accelerator, spec)
+        validation = TASKS[config.task].evaluate(model, validation_loader, accelerator, DATASETS[config.dataset])
         improved = validation["loss"] < state["best_validation_loss"]
         state = {
             "epoch": epoch + 1,
@@ -382,15 +187,16 @@ def run_epochs(config: FinetuneConfig, accelerator, model, optimizer, loaders, s
     return state
 
 
-def test_selected(config: FinetuneConfig, accelerator, model, test_loader, spec, state: dict, subset: dict) -> dict:
+def test_selected(config: FinetuneConfig, accelerator, model, test_loader, state: dict, subset: dict) -> dict:
     """The selected (`best/`) model's test metrics, written as `results.json`, `results.md` and the subset's ids."""
-    output_dir = Path(config.output_dir)
-    best = UniMedIForImageClassification.from_pretrained(output_dir / "best")
+    output_dir, spec, task = Path(config.output_dir), DATASETS[config.dataset], TASKS[config.task]
+    best = task.model_class.from_pretrained(output_dir / "best")
     accelerator.unwrap_model(model).load_state_dict(best.state_dict())
-    test = evaluate(model, test_loader, accelerator, spec)
+    test = task.evaluate(model, test_loader, accelerator, spec)
     results = {
         "dataset": config.dataset,
-        "protocol": "linear probe" if config.linear_probe else "fine-tune",
+        "task": config.task,
+        "protocol": task.protocol(config),
         "model": config.model or "random init",
         "label_fraction": config.label_fraction,
         "train_subset": {"size": subset["size"], "of": subset["of"], "seed": config.seed},
@@ -418,8 +224,9 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, epoch: i
         accelerator.backward(out.loss)
         optimizer.step()
         optimizer.zero_grad()
-        total += out.loss.detach().float().item() * len(batch["labels"])
-        count += len(batch["labels"])
+        size = batch_size(batch)
+        total += out.loss.detach().float().item() * size
+        count += size
         progress.update(1)
     return total / max(count, 1)
 
@@ -435,8 +242,8 @@ def flat(prefix: str, values: dict) -> dict:
     return out
 
 
-def save_best(model: UniMedIForImageClassification, folder: Path) -> None:
-    """The selected classifier, replaced atomically (a crash never leaves a half-written `best/`)."""
+def save_best(model, folder: Path) -> None:
+    """The selected model, replaced atomically (a crash never leaves a half-written `best/`)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -504,8 +311,8 @@ def markdown_row(results: dict) -> str:
 
 def parse_args(argv=None) -> FinetuneConfig:
     parser = argparse.ArgumentParser(
-        description="UniMedI downstream classification (linear probe / fine-tuning, paper §4.2).",
-        epilog="Overrides: key=value, e.g. dataset=groundtruth-ct label_fraction=0.1 linear_probe=false",
+        description="UniMedI downstream tasks (classification, segmentation, detection; paper §4.2, appendix §7).",
+        epilog="Overrides: key=value, e.g. dataset=groundtruth-ct label_fraction=0.1 freeze_encoder=false",
     )
     parser.add_argument("--config", help=f"YAML settings file (default {DEFAULT_CONFIG}; see {CONFIG_DIR})")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete epoch checkpoint")

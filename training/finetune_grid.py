@@ -25,7 +25,7 @@ FRACTIONS = (0.01, 0.1, 1.0)
 class Table:
     title: str
     datasets: tuple[str, ...]
-    linear_probe: bool
+    freeze_encoder: bool
     fractions: tuple[float, ...] = FRACTIONS
 
 
@@ -56,8 +56,8 @@ GRIDS = {
 }
 
 
-def cell_dir(output_dir: Path, model_name: str, dataset: str, linear_probe: bool, fraction: float) -> Path:
-    return output_dir / model_name / f"{dataset}-{'probe' if linear_probe else 'finetune'}-{fraction:g}"
+def cell_dir(output_dir: Path, model_name: str, dataset: str, freeze_encoder: bool, fraction: float) -> Path:
+    return output_dir / model_name / f"{dataset}-{'probe' if freeze_encoder else 'finetune'}-{fraction:g}"
 
 
 def run_grid(
@@ -73,12 +73,12 @@ def run_grid(
         for model_name, model in models.items():
             for dataset in (d for d in table.datasets if datasets is None or d in datasets):
                 for fraction in table.fractions:
-                    folder = cell_dir(output_dir, model_name, dataset, table.linear_probe, fraction)
+                    folder = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction)
                     if not (folder / "results.json").is_file():
                         settings = [
                             f"model={json.dumps(model)}",
                             f"label_fraction={fraction}",
-                            f"linear_probe={str(table.linear_probe).lower()}",
+                            f"freeze_encoder={str(table.freeze_encoder).lower()}",
                             f"output_dir={folder}",
                             "overwrite_output_dir=true",
                             *([f"data={Path(data_root) / dataset}"] if data_root else []),
@@ -98,7 +98,7 @@ def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path) 
         for model_name in models:
             cells = []
             for dataset, fraction in columns:
-                results = cell_dir(output_dir, model_name, dataset, table.linear_probe, fraction) / "results.json"
+                results = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction) / "results.json"
                 found = json.loads(results.read_text()) if results.is_file() else None
                 value = None if found is None else found["test"][found["metric"]]
                 cells.append("-" if value is None else f"{100 * value:.1f}")

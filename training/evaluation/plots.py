@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from modeling_unimedi import UniMedIProcessor
-from modeling_unimedi.pretraining_unimedi import slab_central_slices, top_k_indices
+from modeling_unimedi.slices_unimedi import slab_central_slices, top_k_indices
 from processing.groundtruth.reports import FINDING_NAMES, NODULE, NORMAL
 from processing.schema import CT, XRAY
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from modeling_unimedi.pretraining_unimedi import top_k_indices
+from modeling_unimedi.slices_unimedi import top_k_indices
 from processing.groundtruth.reports import FINDING_NAMES
 
 from .statistics import binomial_ci, hit_statistics, mcnemar_exact

@@ -13,10 +13,15 @@
 
 Steps 1-2 are ``resample_to_grid`` (float32 HU, what dataset preparation stores as int16); step 3, with random flips
 along ``flip_axes`` when ``training=True``, is ``window_grid``, which the training collator calls on stored volumes.
+
+Segmentation labels follow their CT: ``labels_to_grid`` applies steps 1-2 to an integer label map by nearest
+neighbour, and ``labels_from_grid`` maps a label map on the grid (a prediction) back onto the original NIfTI's voxels
+and affine.
 """
 
 import json
 import math
+import os
 from typing import TypedDict
 
 import numpy as np
@@ -128,33 +133,89 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
 
     def resample_to_grid(self, ct: CTVolume) -> np.ndarray:
         """Float32 HU on the processor grid (steps 1-2 of the module docstring), before windowing."""
-        hu, spacing = ct.hu, ct.spacing
-        if self.orientation != CANONICAL_ORIENTATION:
-            canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
-            hu, spacing = reorient(hu, spacing, canonical, self.orientation)
+        hu, spacing = self._reoriented(ct.hu, ct.spacing)
         volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
         if self.fit_mode == "resize":
             volume = resize_volume(volume, self.volume_size)
         else:
             if self.target_spacing is not None:
-                shape = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, self.target_spacing)]
-                if math.prod(shape) > MAX_VOXELS:
-                    raise ValueError(
-                        f"{ct.source}: target_spacing {self.target_spacing} would resample this {hu.shape} CT to "
-                        f"{tuple(shape)}, over {MAX_VOXELS} voxels; choose a coarser target_spacing"
-                    )
-                volume = resize_volume(volume, tuple(shape))
+                volume = resize_volume(volume, self._fitted_shape(hu.shape, spacing, ct.source))
             volume = _center_crop_or_pad(volume, self.volume_size, AIR_HU)
         return volume[0, 0].numpy()
 
+    def labels_to_grid(self, labels) -> np.ndarray:
+        """An integer label map (a label NIfTI path or nibabel image with its CT's geometry, or a ``CTVolume`` of
+        labels) as uint8 (D, H, W) on the processor grid, placed exactly as ``resample_to_grid`` places its CT: same
+        reorientation and resampling geometry, but nearest-neighbour (voxel centres mapped as area/linear resizing
+        maps them, so no label value is ever interpolated) and padded with background 0.
+
+        Labels must be whole numbers in [0, 255]; nearest-neighbour shrinking can drop structures thinner than a grid
+        voxel."""
+        ct = labels if isinstance(labels, CTVolume) else load_ct(labels)
+        _check_label_values(ct.hu, ct.source)
+        data, spacing = self._reoriented(ct.hu, ct.spacing)
+        volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+        grid = _resize_labels(volume, self._fitted_shape(data.shape, spacing, ct.source))
+        return _center_crop_or_pad(grid, self.volume_size, 0)[0, 0].numpy().astype(np.uint8)
+
+    def labels_from_grid(self, grid_labels, reference):
+        """A label map on the processor grid (a model's prediction, (D, H, W) integers in [0, 255]) put back on the
+        voxel grid of the ORIGINAL scan ``reference`` (a NIfTI path or nibabel image): the inverse of
+        ``labels_to_grid`` (crop/pad undone, nearest-neighbour resampling to the scan's size, reorientation undone).
+        Returns a uint8 ``nibabel.Nifti1Image`` with the reference's shape and affine."""
+        nibabel = import_nibabel()
+        image = reference if isinstance(reference, nibabel.spatialimages.SpatialImage) else nibabel.load(reference)
+        name = str(reference) if isinstance(reference, (str, os.PathLike)) else "<reference image>"
+        shape = tuple(image.shape)
+        if len(shape) != 3:
+            raise ValueError(f"{name}: the reference scan must be a 3-D volume, got shape {shape}")
+        grid = grid_labels.detach().cpu().numpy() if isinstance(grid_labels, torch.Tensor) else np.asarray(grid_labels)
+        if tuple(grid.shape) != self.volume_size:
+            raise ValueError(
+                f"grid labels of shape {tuple(grid.shape)} are not on the processor grid {self.volume_size}"
+            )
+        check_real(grid, "grid labels")
+        _check_label_values(grid, "grid labels")
+        start = nibabel.orientations.io_orientation(image.affine)
+        zooms = np.sqrt((np.asarray(image.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        canonical = nibabel.orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
+        shape, spacing = _reoriented_geometry(shape, zooms, start, CANONICAL_ORIENTATION)
+        shape, spacing = _reoriented_geometry(shape, spacing, canonical, self.orientation)
+        tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+        uncropped = _center_crop_or_pad(tensor, self._fitted_shape(shape, spacing, name), 0)
+        oriented = _resize_labels(uncropped, shape)[0, 0].numpy()
+        native_codes = "".join(nibabel.orientations.ornt2axcodes(start))
+        grid_ornt = nibabel.orientations.axcodes2ornt(tuple(self.orientation))
+        native, _ = reorient(oriented, spacing, grid_ornt, native_codes)
+        result = nibabel.Nifti1Image(native.astype(np.uint8), image.affine)
+        result.set_qform(image.affine, code=1)
+        return result
+
+    def _reoriented(self, data: np.ndarray, spacing) -> tuple[np.ndarray, tuple]:
+        """``data`` (canonical orientation) and its spacing in the processor's ``orientation`` (exact)."""
+        if self.orientation == CANONICAL_ORIENTATION:
+            return data, spacing
+        canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
+        return reorient(data, spacing, canonical, self.orientation)
+
+    def _fitted_shape(self, shape, spacing, source: str) -> tuple[int, ...]:
+        """The size a reoriented (``shape``, ``spacing``) volume is resampled to before the centre crop / pad."""
+        if self.fit_mode == "resize":
+            return self.volume_size
+        if self.target_spacing is None:
+            return tuple(shape)
+        fitted = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, self.target_spacing))
+        if math.prod(fitted) > MAX_VOXELS:
+            raise ValueError(
+                f"{source}: target_spacing {self.target_spacing} would resample this {tuple(shape)} CT to "
+                f"{fitted}, over {MAX_VOXELS} voxels; choose a coarser target_spacing"
+            )
+        return fitted
+
     def grid_spacing(self, ct: CTVolume) -> tuple[float, float, float]:
         """Voxel size in mm along (D, H, W) of ``resample_to_grid(ct)``: what a stored grid volume records."""
-        shape, spacing = ct.hu.shape, ct.spacing
-        if self.orientation != CANONICAL_ORIENTATION:
-            canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
-            shape_only = np.broadcast_to(np.float32(0), shape)  # reorient the geometry, not the voxels
-            reoriented, spacing = reorient(shape_only, spacing, canonical, self.orientation)
-            shape = reoriented.shape
+        canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
+        shape, spacing = _reoriented_geometry(ct.hu.shape, ct.spacing, canonical, self.orientation)
         if self.fit_mode == "resize":
             return tuple(float(s * n / g) for s, n, g in zip(spacing, shape, self.volume_size))
         return tuple(float(s) for s in (self.target_spacing or spacing))
@@ -246,10 +307,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
                              "the i-th of num_slabs equal depth ranges of the CT")  # fmt: skip
         if not 1 <= num_slabs <= self.volume_size[0] or self.volume_size[0] % num_slabs:
             raise ValueError(f"num_slabs must divide the grid depth {self.volume_size[0]}, got {num_slabs}")
-        hu = ct.hu
-        if self.orientation != CANONICAL_ORIENTATION:
-            canonical = import_nibabel().orientations.axcodes2ornt(tuple(CANONICAL_ORIENTATION))
-            hu, _ = reorient(hu, ct.spacing, canonical, self.orientation)
+        hu, _ = self._reoriented(ct.hu, ct.spacing)
         central = slab_central_indices(hu.shape[0], num_slabs)
         slices = torch.from_numpy(np.ascontiguousarray(hu[central], dtype=np.float32))[None, None]
         return resize_volume(slices, (num_slabs, image_size, image_size))[0, 0].numpy()
@@ -305,6 +363,34 @@ def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Ten
     if shrunk != tuple(size):
         volume = F.interpolate(volume, size=size, mode="trilinear", align_corners=False)
     return volume
+
+
+def _resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(1, 1, D, H, W) labels resized to ``size`` by nearest neighbour, output voxel centre (i + 1/2) n / m reading
+    input voxel floor of it: the centre mapping ``resize_volume`` uses, without mixing label values."""
+    if tuple(labels.shape[-3:]) == tuple(size):
+        return labels
+    return F.interpolate(labels, size=tuple(size), mode="nearest-exact")
+
+
+def _check_label_values(labels: np.ndarray, name: str) -> None:
+    """Refuse label maps that a uint8 label volume cannot hold exactly (fractions, negatives, over 255)."""
+    if labels.size and (labels.min() < 0 or labels.max() > 255 or not np.array_equal(labels, np.rint(labels))):
+        raise ValueError(
+            f"{name}: a label map must hold whole numbers in [0, 255], got values from {labels.min()} to "
+            f"{labels.max()}{'' if np.array_equal(labels, np.rint(labels)) else ' with fractions'}"
+        )
+
+
+def _reoriented_geometry(shape, spacing, start_ornt, target_codes: str) -> tuple[tuple[int, ...], tuple]:
+    """Shape and spacing of a ``shape`` volume in orientation ``start_ornt`` after ``reorient`` to ``target_codes``,
+    without touching voxels."""
+    orientations = import_nibabel().orientations
+    transform = orientations.ornt_transform(start_ornt, orientations.axcodes2ornt(tuple(target_codes)))
+    new_shape, new_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for old_axis, (new_axis, _flip) in enumerate(transform):
+        new_shape[int(new_axis)], new_spacing[int(new_axis)] = int(shape[old_axis]), float(spacing[old_axis])
+    return tuple(new_shape), tuple(new_spacing)
 
 
 def _center_crop_or_pad(volume: torch.Tensor, size: tuple[int, int, int], fill: float) -> torch.Tensor:

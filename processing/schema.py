@@ -6,9 +6,11 @@ raw little-endian int16 Hounsfield units, so training never pays for NIfTI/DICOM
 window and normalisation are still applied at load time.
 """
 
+import io
 import json
 
 import numpy as np
+import PIL.Image
 from datasets import Features, Image, Sequence, Value
 
 from modeling_unimedi.loading_unimedi import CANONICAL_ORIENTATION
@@ -36,6 +38,12 @@ FEATURES = Features(
         "slab_images_shape": Sequence(Value("int32")),
         "labels": Sequence(Value("string")),  # finding names when known (benchmark data); [] otherwise
         "metadata": Value("string"),  # JSON object with source-specific extras (ids, view, lesion slabs, ...)
+        # Dense labels, optional (None / [] when absent). Mask values: 0 background, k = mask_labels[k - 1].
+        "mask_image": Image(),  # X-ray: uint8 label map as an 8-bit grayscale PNG, the size of ``image``
+        "mask_volume": Value("binary"),  # CT: uint8 label map, C-order, on the grid of ``volume`` (volume_shape)
+        "mask_labels": Sequence(Value("string")),  # names of the mask values 1..K
+        "boxes": Sequence(Sequence(Value("float32"), length=4)),  # X-ray: [x0, y0, x1, y1] pixels of ``image``
+        "box_labels": Sequence(Value("string")),  # the name of each box
     }
 )
 
@@ -73,8 +81,71 @@ def decode_slab_images(record: dict) -> np.ndarray | None:
     return decode_volume({**record, "volume": record["slab_images"], "volume_shape": record["slab_images_shape"]})
 
 
-def xray_record(*, sample_id, source, split, report, image, labels=(), metadata=None) -> dict:
-    """A record for one X-ray; ``image`` is a PIL image, a path, or {"bytes": ...}."""
+def encode_mask_image(mask: np.ndarray, mask_labels) -> dict:
+    """An X-ray's (H, W) label map as {"bytes": 8-bit grayscale PNG} after checking its values are named."""
+    mask = _checked_mask(mask, 2, mask_labels, "X-ray mask")
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def decode_mask_image(record: dict) -> np.ndarray | None:
+    """An X-ray record's (H, W) uint8 label map, or None when it has none."""
+    stored = record.get("mask_image")
+    if stored is None:
+        return None
+    if isinstance(stored, dict):
+        stored = PIL.Image.open(io.BytesIO(stored["bytes"])) if stored.get("bytes") else PIL.Image.open(stored["path"])
+    mask = np.asarray(stored)
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"record {record.get('sample_id')!r}: mask_image is not an 8-bit grayscale label map")
+    return mask
+
+
+def decode_mask_volume(record: dict) -> np.ndarray | None:
+    """A CT record's (D, H, W) uint8 label map on the grid of its volume, or None when it has none."""
+    data = record.get("mask_volume")
+    if not data:
+        return None
+    shape = tuple(int(s) for s in record["volume_shape"])
+    if len(data) != int(np.prod(shape)):
+        raise ValueError(
+            f"record {record.get('sample_id')!r}: mask_volume has {len(data)} bytes, expected {int(np.prod(shape))} "
+            f"for shape {shape}"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def checked_boxes(boxes, box_labels) -> tuple[list[list[float]], list[str]]:
+    """Boxes as [x0, y0, x1, y1] float lists (finite, x0 <= x1, y0 <= y1), one name each."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
+    if len(boxes) != len(box_labels):
+        raise ValueError(f"{len(boxes)} boxes but {len(box_labels)} box_labels: each box needs one name")
+    if not np.isfinite(boxes).all() or (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise ValueError(f"boxes must be finite [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {boxes.tolist()}")
+    return boxes.tolist(), [str(label) for label in box_labels]
+
+
+def _checked_mask(mask: np.ndarray, ndim: int, mask_labels, what: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != ndim or mask.dtype.kind not in "iub":
+        raise ValueError(f"{what} must be a {ndim}-D integer label map, got {mask.dtype} of shape {mask.shape}")
+    if mask.size and (mask.min() < 0 or mask.max() > len(mask_labels) or mask.max() > 255):
+        raise ValueError(
+            f"{what} holds values {mask.min()}..{mask.max()}; values must be 0 (background) or 1..{len(mask_labels)} "
+            f"(named by mask_labels {list(mask_labels)}), at most 255"
+        )
+    return np.ascontiguousarray(mask, dtype=np.uint8)
+
+
+def xray_record(
+    *, sample_id, source, split, report, image, labels=(), metadata=None, mask=None, mask_labels=(), boxes=(),
+    box_labels=()
+) -> dict:  # fmt: skip
+    """A record for one X-ray; ``image`` is a PIL image, a path, or {"bytes": ...}. Optional dense labels: ``mask``
+    ((H, W) integer label map the size of the image, values named by ``mask_labels``), ``boxes`` ([x0, y0, x1, y1]
+    pixels) named by ``box_labels``."""
+    boxes, box_labels = checked_boxes(boxes, box_labels)
     return {
         "sample_id": sample_id,
         "source": source,
@@ -90,12 +161,24 @@ def xray_record(*, sample_id, source, split, report, image, labels=(), metadata=
         "slab_images_shape": [],
         "labels": list(labels),
         "metadata": json.dumps(metadata or {}),
+        "mask_image": None if mask is None else encode_mask_image(mask, mask_labels),
+        "mask_volume": None,
+        "mask_labels": list(mask_labels),
+        "boxes": boxes,
+        "box_labels": box_labels,
     }
 
 
-def ct_record(*, sample_id, source, split, report, volume, spacing, labels=(), metadata=None, slab_images=None) -> dict:
+def ct_record(
+    *, sample_id, source, split, report, volume, spacing, labels=(), metadata=None, slab_images=None, mask=None,
+    mask_labels=()
+) -> dict:  # fmt: skip
     """A record for one CT already in CANONICAL_ORIENTATION on the processor grid; ``slab_images`` (optional, HU
-    (num_slabs, H, W)): its native slab images (``UniMedIVolumeProcessor.native_slab_images``)."""
+    (num_slabs, H, W)): its native slab images (``UniMedIVolumeProcessor.native_slab_images``); ``mask`` (optional):
+    an integer label map on the same grid (``UniMedIVolumeProcessor.labels_to_grid``), values named by
+    ``mask_labels``."""
+    if mask is not None and np.shape(mask) != volume.shape:
+        raise ValueError(f"CT mask of shape {np.shape(mask)} is not on the volume's grid {volume.shape}")
     return {
         "sample_id": sample_id,
         "source": source,
@@ -111,4 +194,9 @@ def ct_record(*, sample_id, source, split, report, volume, spacing, labels=(), m
         "slab_images_shape": [] if slab_images is None else list(slab_images.shape),
         "labels": list(labels),
         "metadata": json.dumps(metadata or {}),
+        "mask_image": None,
+        "mask_volume": None if mask is None else _checked_mask(mask, 3, mask_labels, "CT mask").tobytes(),
+        "mask_labels": list(mask_labels),
+        "boxes": [],
+        "box_labels": [],
     }

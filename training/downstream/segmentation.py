@@ -19,7 +19,8 @@ from modeling_unimedi import UniMedIForSemanticSegmentation
 from modeling_unimedi.loading_unimedi import load_xray
 from modeling_unimedi.segmentation_unimedi import predicted_labels
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
-from processing import rsna
+from processing import bcv, rsna
+from processing.groundtruth.generator import CT_MASK_LABELS, XRAY_MASK_LABELS
 from processing.schema import CT, XRAY, decode_mask_image, decode_mask_volume, decode_volume
 from training.pretrain import xray_processor
 
@@ -28,15 +29,11 @@ from .base import DatasetSpec, DownstreamTask
 TASK_NAME = "segmentation"
 MEAN_DICE = "mean_dice"
 
-# BCV (Landman et al. 2015, Multi-Atlas Labeling Beyond the Cranial Vault): its 13 organs in label order 1..13.
-BCV_ORGANS = (
-    "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "inferior vena cava", "portal vein and splenic vein", "pancreas", "right adrenal gland", "left adrenal gland",
-)  # fmt: skip
-# AMOS (Ji et al. 2022): its 15 abdominal organs in label order 1..15.
+# AMOS (Ji et al. 2022; appendix §8.1): its 15 abdominal organs in label order 1..15 (no reader here yet).
 AMOS_ORGANS = (
-    "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder", "prostate/uterus",
+    "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+    "inferior_vena_cava", "pancreas", "right_adrenal_gland", "left_adrenal_gland", "duodenum", "bladder",
+    "prostate_or_uterus",
 )  # fmt: skip
 
 
@@ -46,8 +43,11 @@ def _spec(modality: str, labels: tuple[str, ...]) -> DatasetSpec:
 
 DATASETS = {
     "rsna-seg": _spec(XRAY, rsna.CLASSES),  # boxes -> masks (§4.2)
-    "bcv": _spec(CT, BCV_ORGANS),
+    "bcv": _spec(CT, bcv.CLASSES),
     "amos": _spec(CT, AMOS_ORGANS),
+    # offline stand-ins: the ground-truth benchmark's lesion masks on the DRR X-rays, lobes + lesions on the CTs
+    "groundtruth-seg-xray": _spec(XRAY, XRAY_MASK_LABELS),
+    "groundtruth-seg-ct": _spec(CT, CT_MASK_LABELS),
 }
 
 # --- augmentation ----------------------------------------------------------------------------------------------------
@@ -176,7 +176,9 @@ class SegmentationCollator:
             )
         size = (self.image_size, self.image_size)
         image = F.interpolate(torch.from_numpy(gray)[None, None], size=size, mode="bilinear", antialias=True)[0]
-        labels = F.interpolate(torch.from_numpy(np.array(mask))[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        labels = F.interpolate(torch.from_numpy(np.array(mask))[None, None].float(), size=size, mode="nearest")[
+            0, 0
+        ].long()
         if self.xray_augment is not None:
             from torchvision import tv_tensors
 

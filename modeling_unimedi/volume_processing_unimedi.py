@@ -375,10 +375,11 @@ def _resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 def _check_label_values(labels: np.ndarray, name: str) -> None:
     """Refuse label maps that a uint8 label volume cannot hold exactly (fractions, negatives, over 255)."""
-    if labels.size and (labels.min() < 0 or labels.max() > 255 or not np.array_equal(labels, np.rint(labels))):
+    whole = labels.dtype.kind in "biu" or np.array_equal(labels, np.rint(labels))
+    if labels.size and (labels.min() < 0 or labels.max() > 255 or not whole):
         raise ValueError(
             f"{name}: a label map must hold whole numbers in [0, 255], got values from {labels.min()} to "
-            f"{labels.max()}{'' if np.array_equal(labels, np.rint(labels)) else ' with fractions'}"
+            f"{labels.max()}{'' if whole else ' with fractions'}"
         )
 
 

@@ -60,7 +60,7 @@ MAX_AFFINE_DIFFERENCE_MM = 1e-3
 
 @dataclass(frozen=True)
 class LabelledVolume:
-    """One CT and its label map, to read together."""
+    """One CT and its label map (same voxel grid), to read together (BCV, AMOS)."""
 
     sample_id: str
     split: str
@@ -79,10 +79,18 @@ def read_split(
     volume_size: tuple[int, int, int] = VOLUME_SIZE,
 ) -> Iterator[dict]:
     """Records of one split ("train" or "validation"), CT and mask on a ``volume_size`` grid."""
+    return read_labelled_volumes(index_bcv(root, split), ORGANS, log, num_proc, volume_size)
+
+
+def read_labelled_volumes(
+    candidates, mask_labels, log: PrepareLog | None, num_proc: int, volume_size
+) -> Iterator[dict]:
+    """CT records with their masks (values named by ``mask_labels``) of ``LabelledVolume`` candidates, loaded by
+    ``num_proc`` processes; unreadable scans are logged and skipped."""
     log = log if log is not None else PrepareLog()
     UniMedIVolumeProcessor(volume_size=volume_size)  # a bad size fails here, not once per scan
-    load = partial(load_labelled_volume, volume_size=tuple(volume_size))
-    return load_records(load, index_bcv(root, split), log, num_proc)
+    load = partial(load_labelled_volume, volume_size=tuple(volume_size), mask_labels=tuple(mask_labels))
+    return load_records(load, candidates, log, num_proc)
 
 
 def index_bcv(root: str | os.PathLike, split: str) -> Iterator[LabelledVolume]:
@@ -103,8 +111,9 @@ def index_bcv(root: str | os.PathLike, split: str) -> Iterator[LabelledVolume]:
         )
 
 
-def load_labelled_volume(candidate: LabelledVolume, volume_size: tuple[int, int, int] = VOLUME_SIZE) -> dict:
-    """The CT and its organ mask on the processor grid as one CT record; refuses a label map on another grid."""
+def load_labelled_volume(candidate: LabelledVolume, volume_size: tuple[int, int, int], mask_labels) -> dict:
+    """The CT and its label map (values 1..K named by ``mask_labels``) on the processor grid as one CT record;
+    refuses a label map on another grid."""
     image, labels = nifti_with_geometry(candidate.file), nifti_with_geometry(candidate.label_file)
     if image.shape != labels.shape or not np.allclose(image.affine, labels.affine, atol=MAX_AFFINE_DIFFERENCE_MM):
         raise ValueError(
@@ -122,18 +131,24 @@ def load_labelled_volume(candidate: LabelledVolume, volume_size: tuple[int, int,
         spacing=processor.grid_spacing(ct),
         metadata={**candidate.metadata, "file": candidate.file.name, "source_shape": list(ct.hu.shape)},
         mask=processor.labels_to_grid(labels),
-        mask_labels=ORGANS,
+        mask_labels=mask_labels,
     )
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--volume-size", type=int, nargs=3, default=VOLUME_SIZE, metavar=("D", "H", "W"),
-                        help="processor grid of the stored CTs and masks (default: the paper's %(default)s)")  # fmt: skip
+def volume_size_command(name: str, description: str, splits, records_per_shard: int, read_split) -> DatasetCommand:
+    """A 3D segmentation reader's ``prepare`` entry: the common options plus ``--volume-size``."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--volume-size", type=int, nargs=3, default=VOLUME_SIZE, metavar=("D", "H", "W"),
+            help="processor grid of the stored CTs and masks (default: the paper's %(default)s)",
+        )  # fmt: skip
+
+    def open_reader(args: argparse.Namespace):
+        options = {"volume_size": tuple(args.volume_size)}
+        return options, lambda split, log: read_split(args.root, split, log=log, num_proc=args.num_proc, **options)
+
+    return DatasetCommand(name, description, splits, records_per_shard, add_arguments, open_reader)
 
 
-def _open_reader(args: argparse.Namespace):
-    options = {"volume_size": tuple(args.volume_size)}
-    return options, lambda split, log: read_split(args.root, split, log=log, num_proc=args.num_proc, **options)
-
-
-COMMAND = DatasetCommand(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, _add_arguments, _open_reader)
+COMMAND = volume_size_command(SOURCE, DESCRIPTION, SPLITS, RECORDS_PER_SHARD, read_split)

@@ -7,6 +7,7 @@
     python -m processing.prepare chexpert --root /data/CheXpert-v1.0 --out data/chexpert  # also rsna, covidx, ...
     python -m processing.prepare rsna --root /data/rsna --task dense --out data/rsna-dense  # boxes and masks
     python -m processing.prepare bcv --root /data/bcv/Abdomen --out data/bcv  # CTs and 13-organ masks, 48x224x224
+    python -m processing.prepare amos --root /data/amos22 --out data/amos  # CTs and 15-organ masks, as BCV
 
 Each dataset is one reader module exposing a ``COMMAND`` (``processing.pipeline.DatasetCommand``); listing it in
 ``DATASETS`` below is all a new reader needs to appear here. Layouts: README.md.
@@ -18,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import bcv, bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
+from . import amos, bcv, bimcv, cc_ccii, chexpert, covidx, ct_rate, luna16, mimic_cxr, rsna
 from .pipeline import SUMMARY_FILE, DatasetCommand, prepare
 
 DATASETS: dict[str, DatasetCommand] = {
@@ -33,6 +34,7 @@ DATASETS: dict[str, DatasetCommand] = {
         cc_ccii.COMMAND,
         luna16.COMMAND,
         bcv.COMMAND,
+        amos.COMMAND,
     )
 }
 

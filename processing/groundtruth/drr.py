@@ -62,9 +62,15 @@ def resample_affine(
     """Sample ``channels`` (C, *spatial), 2D or 3D, on a grid of ``out_shape`` x ``out_spacing``: the output point p
     (mm from the output centre) reads the input at ``matrix @ p + offset_mm`` (mm from the input centre), trilinearly
     (``mode="nearest"``: the nearest voxel, for label maps); outside the input is 0."""
-    in_half = np.asarray(channels.shape[1:]) * np.asarray(in_spacing, dtype=np.float64) / 2
+    grid = sampling_grid(channels.shape[1:], in_spacing, out_shape, out_spacing, matrix, offset_mm)
+    return sample_grid(channels, grid, mode)
+
+
+def sampling_grid(in_shape, in_spacing, out_shape, out_spacing, matrix, offset_mm) -> torch.Tensor:
+    """Where each output voxel of ``resample_affine`` reads its input, in ``grid_sample``'s normalised coordinates
+    (-1 and 1 at the outer voxel edges): built once, it samples several inputs of ``in_shape`` alike."""
+    in_half = np.asarray(in_shape) * np.asarray(in_spacing, dtype=np.float64) / 2
     out_half = np.asarray(out_shape) * np.asarray(out_spacing, dtype=np.float64) / 2
-    # the same map in grid_sample's normalised coordinates (-1 and 1 at the outer voxel edges)
     normalised = np.diag(1 / in_half) @ np.asarray(matrix) @ np.diag(out_half)
     translation = np.asarray(offset_mm) / in_half
     out_axes = np.meshgrid(
@@ -74,9 +80,13 @@ def resample_affine(
     for axis in range(len(out_shape)):  # grid_sample wants the last axis first (x, y, z)
         terms = (np.float32(normalised[axis, j]) * out_axes[j] for j in range(len(out_shape)))
         grid[..., len(out_shape) - 1 - axis] = sum(terms) + np.float32(translation[axis])
+    return torch.from_numpy(grid)[None]
+
+
+def sample_grid(channels: np.ndarray, grid: torch.Tensor, mode: str = "bilinear") -> np.ndarray:
+    """``channels`` (C, *spatial) read at a ``sampling_grid`` (zeros outside)."""
     inputs = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None]
-    sampled = F.grid_sample(inputs, torch.from_numpy(grid)[None], mode=mode, padding_mode="zeros", align_corners=False)
-    return sampled[0].numpy()
+    return F.grid_sample(inputs, grid, mode=mode, padding_mode="zeros", align_corners=False)[0].numpy()
 
 
 def line_integral(hu: np.ndarray, spacing) -> np.ndarray:

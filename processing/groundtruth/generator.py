@@ -59,7 +59,17 @@ from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, s
 
 from ..schema import CT, XRAY, ct_record, xray_record
 from ..shards import write_shards
-from .drr import Pose, XrayLook, line_integral, project_to_display, quantise, radiograph, resample_affine
+from .drr import (
+    Pose,
+    XrayLook,
+    line_integral,
+    project_to_display,
+    quantise,
+    radiograph,
+    resample_affine,
+    sample_grid,
+    sampling_grid,
+)
 from .lesions import (
     AIR_HU,
     MAX_HU,
@@ -389,16 +399,15 @@ class GroundTruthGenerator:
             )
             channels.append(self.processor.resample_to_grid(occupancy))
         matrix, offset = case.pose.inverse()
-        posed = resample_affine(np.stack(channels), spacing, self.config.volume_size, spacing, matrix, offset)
+        grid = sampling_grid(self.config.volume_size, spacing, self.config.volume_size, spacing, matrix, offset)
+        posed = sample_grid(np.stack(channels), grid)
         look = case.look
         noise = np.random.default_rng(look.noise_seed).standard_normal(posed.shape[1:], dtype=np.float32)
         hu = (posed[0] + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
         hu += np.float32(look.noise_hu) * noise
         volume = np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
         lobes = CTVolume(hu=anatomy.lobe_labels[scanned], spacing=working.spacing, source=case.sample_id)
-        grid_lobes = self.processor.labels_to_grid(lobes).astype(np.float32)
-        mask = resample_affine(grid_lobes[None], spacing, self.config.volume_size, spacing, matrix, offset, "nearest")
-        mask = mask[0].astype(np.uint8)
+        mask = sample_grid(self.processor.labels_to_grid(lobes)[None], grid, "nearest")[0].astype(np.uint8)
         for lesion, occupancy in zip(case.lesions, posed[1:]):  # lesions over lobes, later lesions on top
             peak = float(occupancy.max())
             if peak > 0:

@@ -268,10 +268,6 @@ class UniMedIForSemanticSegmentation(FrozenEncoderMixin, UniMedIPreTrainedModel)
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
-    def decoder_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter outside the encoder."""
-        return [p for name, p in self.named_parameters() if not name.startswith("vision_model.")]
-
     @property
     def segmentation_grid(self) -> tuple[int, int, int]:
         """The (D, H, W) grid CTs are segmented on: `config.segmentation_volume_size`, else the encoder's."""

@@ -135,7 +135,7 @@ def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode(saved_folders):
     before = vision_state(model.vision_model)
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"image_decoder", "volume_decoder"}
-    optimizer = torch.optim.AdamW(model.decoder_parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     assert not model.vision_model.training and model.image_decoder.training
     for inputs, key in ((XRAYS, "pixel_values"), (VOLUMES, "volume_values")):

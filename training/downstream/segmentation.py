@@ -19,7 +19,7 @@ from modeling_unimedi import UniMedIForSemanticSegmentation
 from modeling_unimedi.loading_unimedi import load_xray
 from modeling_unimedi.segmentation_unimedi import predicted_labels
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
-from processing import bcv, rsna
+from processing import amos, bcv, rsna
 from processing.groundtruth.generator import CT_MASK_LABELS, XRAY_MASK_LABELS
 from processing.schema import CT, XRAY, decode_mask_image, decode_mask_volume, decode_volume
 from training.pretrain import xray_processor
@@ -29,13 +29,6 @@ from .base import DatasetSpec, DownstreamTask
 TASK_NAME = "segmentation"
 MEAN_DICE = "mean_dice"
 
-# AMOS (Ji et al. 2022; appendix §8.1): its 15 abdominal organs in label order 1..15 (no reader here yet).
-AMOS_ORGANS = (
-    "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "inferior_vena_cava", "pancreas", "right_adrenal_gland", "left_adrenal_gland", "duodenum", "bladder",
-    "prostate_or_uterus",
-)  # fmt: skip
-
 
 def _spec(modality: str, labels: tuple[str, ...]) -> DatasetSpec:
     return DatasetSpec(TASK_NAME, modality, tuple(labels), MEAN_DICE)
@@ -44,7 +37,7 @@ def _spec(modality: str, labels: tuple[str, ...]) -> DatasetSpec:
 DATASETS = {
     "rsna-seg": _spec(XRAY, rsna.CLASSES),  # boxes -> masks (§4.2)
     "bcv": _spec(CT, bcv.CLASSES),
-    "amos": _spec(CT, AMOS_ORGANS),
+    "amos": _spec(CT, amos.CLASSES),
     # offline stand-ins: the ground-truth benchmark's lesion masks on the DRR X-rays, lobes + lesions on the CTs
     "groundtruth-seg-xray": _spec(XRAY, XRAY_MASK_LABELS),
     "groundtruth-seg-ct": _spec(CT, CT_MASK_LABELS),

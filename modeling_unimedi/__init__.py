@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForObjectDetection,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -33,6 +34,7 @@ from .modeling_unimedi import (
 from .pipelines_unimedi import VolumeFeatureExtractionPipeline, ZeroShotVolumeClassificationPipeline
 from .pretraining_unimedi import UniMedIForPreTraining, UniMedIForPreTrainingOutput
 from .processing_unimedi import UniMedIProcessor
+from .segmentation_unimedi import UniMedIForSemanticSegmentation
 from .volume_processing_unimedi import UniMedIVolumeProcessor
 from .zero_shot_unimedi import RetrievalResult, UniMedIZeroShot
 
@@ -44,6 +46,7 @@ AutoModelForZeroShotImageClassification.register(UniMedIConfig, UniMedIModel, ex
 AutoModelForPreTraining.register(UniMedIConfig, UniMedIForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(UniMedIConfig, UniMedIForImageClassification, exist_ok=True)
 AutoModelForObjectDetection.register(UniMedIConfig, UniMedIForObjectDetection, exist_ok=True)
+AutoModelForSemanticSegmentation.register(UniMedIConfig, UniMedIForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(
     UniMedIConfig, image_processor_classes={"torchvision": UniMedIImageProcessor}, exist_ok=True
 )
@@ -56,6 +59,7 @@ UniMedIVisionModel.register_for_auto_class("AutoModel")
 UniMedIForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 UniMedIForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 UniMedIForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
+UniMedIForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 UniMedIProcessor.register_for_auto_class()  # also marks UniMedIImageProcessor for AutoImageProcessor
 
 __all__ = [
@@ -66,6 +70,7 @@ __all__ = [
     "UniMedIForPreTrainingOutput",
     "UniMedIForImageClassification",
     "UniMedIForObjectDetection",
+    "UniMedIForSemanticSegmentation",
     "UniMedIImageProcessor",
     "UniMedIModel",
     "UniMedIObjectDetectionOutput",

@@ -24,6 +24,10 @@ ABLATION_SETTINGS = {
 }
 
 
+# Decoders of UniMedIForSemanticSegmentation: SETR-PUP for X-rays, UNETR for CT volumes.
+SEGMENTATION_DECODERS = ("setr-pup", "unetr")
+
+
 def _as_tuple(value, length: int, name: str) -> tuple[int, ...]:
     values = (value,) * length if isinstance(value, int) else tuple(value)
     if len(values) != length or not all(isinstance(v, int) and v > 0 for v in values):
@@ -259,6 +263,27 @@ class UniMedIConfig(PreTrainedConfig):
         detection_max_detections (`int`, *optional*, defaults to 100):
             Detections kept per image (COCO's limit, which mAP is computed at).
 
+        Segmentation fields, read by [`UniMedIForSemanticSegmentation`] only (`num_labels` counts the background:
+        mask value i is class i; `num_labels=1` is one foreground class with a sigmoid output):
+
+        segmentation_decoders (`list[str]`, *optional*, defaults to `["setr-pup", "unetr"]`):
+            Decoders to build: `"setr-pup"` for X-rays (`pixel_values`), `"unetr"` for CT volumes (`volume_values`).
+            A task on one modality builds one, so no decoder sits untrained in its checkpoint.
+        setr_hidden_size (`int`, *optional*, defaults to 256):
+            Channels of SETR-PUP's conv stages (Zheng et al. 2021, §3.3: 256).
+        unetr_feature_size (`int`, *optional*, defaults to 16):
+            F of UNETR (Hatamizadeh et al. 2022): the input-resolution stage has F channels, the skips 2F, 4F, 8F.
+        segmentation_volume_size (`list[int]`, *optional*):
+            (D, H, W) grid the CT decoder is trained and predicts on; `None` is `vision_config.volume_size`. Appendix
+            §7.2 segments BCV at 48x224x224 (the 3D position table is interpolated).
+        segmentation_loss (`str`, *optional*, defaults to `"dice+ce"`):
+            `"dice+ce"`: soft Dice + cross-entropy (appendix §7.2, 3D; binary cross-entropy for `num_labels=1`), or
+            `"focal+dice"`: `focal_loss_weight` x focal loss + soft Dice (appendix §7.2, 2D RSNA).
+        focal_loss_weight (`float`, *optional*, defaults to 10.0):
+            alpha of appendix §7.2's alpha x FocalLoss + DiceLoss (alpha = 10).
+        focal_gamma (`float`, *optional*, defaults to 2.0):
+            The focal loss's focusing exponent (Lin et al. 2017's default; the paper gives none).
+
     Example:
 
     ```python
@@ -325,6 +350,15 @@ class UniMedIConfig(PreTrainedConfig):
     detection_score_threshold: float = 0.05
     detection_max_detections: int = 100
 
+    # --- segmentation (UniMedIForSemanticSegmentation only; sources in the docstring) ---
+    segmentation_decoders: list[str] | tuple[str, ...] = ("setr-pup", "unetr")
+    setr_hidden_size: int = 256
+    unetr_feature_size: int = 16
+    segmentation_volume_size: list[int] | tuple[int, int, int] | None = None
+    segmentation_loss: Literal["dice+ce", "focal+dice"] = "dice+ce"
+    focal_loss_weight: float = 10.0
+    focal_gamma: float = 2.0
+
     def validate_architecture(self):
         for name in ("projection_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
             if getattr(self, name) <= 0:
@@ -352,6 +386,29 @@ class UniMedIConfig(PreTrainedConfig):
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.ema_momentum <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError("ema_momentum and center_momentum must be in [0, 1]")
+        self.validate_segmentation()
+
+    def validate_segmentation(self):
+        unknown = sorted(set(self.segmentation_decoders) - set(SEGMENTATION_DECODERS))
+        if unknown or not self.segmentation_decoders:
+            raise ValueError(
+                f"segmentation_decoders must name some of {SEGMENTATION_DECODERS}, got {self.segmentation_decoders!r}"
+            )
+        for name in ("setr_hidden_size", "unetr_feature_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if self.segmentation_volume_size is not None:
+            size = _as_tuple(self.segmentation_volume_size, 3, "segmentation_volume_size")
+            for axis, length, patch in zip("DHW", size, self.vision_config.volume_patch_size):
+                if length % patch != 0:
+                    raise ValueError(
+                        f"segmentation_volume_size {axis}={length} is not divisible by volume_patch_size {axis}={patch}"
+                    )
+        if not (0 <= self.focal_loss_weight < float("inf") and 0 <= self.focal_gamma < float("inf")):
+            raise ValueError(
+                f"focal_loss_weight and focal_gamma must be >= 0 and finite, got {self.focal_loss_weight} and "
+                f"{self.focal_gamma}"
+            )
 
     def validate_detection(self):
         """The detection fields: one anchor size per pyramid level, each level a power-of-two rescale of the patch

@@ -33,6 +33,7 @@ REMOTE_AUTO_MAP = {
     "AutoModel": "modeling_unimedi.UniMedIModel",
     "AutoModelForZeroShotImageClassification": "modeling_unimedi.UniMedIModel",
     "AutoModelForPreTraining": "pretraining_unimedi.UniMedIForPreTraining",
+    "AutoModelForSemanticSegmentation": "segmentation_unimedi.UniMedIForSemanticSegmentation",
 }
 # The CT pipelines (transformers has no CT task), as `pipeline(task, model=..., trust_remote_code=True)` finds them.
 CUSTOM_PIPELINES = {

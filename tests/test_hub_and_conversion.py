@@ -70,6 +70,7 @@ def test_auto_classes_resolve_unimedi(tmp_path):
         "AutoModel": "modeling_unimedi.UniMedIModel",
         "AutoModelForZeroShotImageClassification": "modeling_unimedi.UniMedIModel",
         "AutoModelForPreTraining": "pretraining_unimedi.UniMedIForPreTraining",
+        "AutoModelForSemanticSegmentation": "segmentation_unimedi.UniMedIForSemanticSegmentation",
     }
     assert set(config["custom_pipelines"]) == {"zero-shot-volume-classification", "volume-feature-extraction"}
     package = Path(modeling_unimedi.__file__).parent

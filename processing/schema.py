@@ -68,6 +68,17 @@ class Grid(NamedTuple):
     spacing: tuple[float, float, float]
 
 
+def undecoded(dataset):
+    """``dataset`` (a ``datasets`` Dataset or IterableDataset) with its image and NIfTI columns left as the stored
+    bytes, which the collators decode per batch (straight from the bytes for grids, after any shuffle or skip)."""
+    present = dataset.features.keys() if dataset.features is not None else FEATURES.keys()
+    for name in present:
+        feature = FEATURES.get(name)
+        if isinstance(feature, (Image, Nifti)):
+            dataset = dataset.cast_column(name, type(feature)(decode=False))
+    return dataset
+
+
 def grid_affine(shape: tuple[int, int, int], spacing) -> np.ndarray:
     """The NIfTI affine of a (D, H, W) grid in CANONICAL_ORIENTATION with voxel size ``spacing`` (mm along D, H, W):
     voxel axes (i, j, k) = (W, H, D), axis-aligned, the grid's centre at the world origin."""

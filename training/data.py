@@ -12,10 +12,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
-from datasets import Image, Nifti, load_dataset
+from datasets import load_dataset
 from PIL import Image as PILImage
 
-from processing.schema import CT, FEATURES, XRAY, decode_slab_images, decode_volume
+from processing.schema import CT, FEATURES, XRAY, decode_slab_images, decode_volume, undecoded
 from processing.shards import check_shard_layout, modality_shards
 
 # datasets sleeps config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) each time a parquet shard iterator closes, a guard
@@ -108,10 +108,7 @@ class ModalityStream:
 
     def _modality_only(self, dataset):
         """Undecoded records of this stream's modality (shards of several modalities, or a Hub dataset, hold both)."""
-        dataset = dataset.cast_column("image", Image(decode=False))  # decode in the collator, after skipping
-        for column in ("volume", "slab_images"):  # the collator reads the voxels straight from the NIfTI bytes
-            dataset = dataset.cast_column(column, Nifti(decode=False))
-        return dataset.filter(lambda record: record["modality"] == self.modality)
+        return undecoded(dataset).filter(lambda record: record["modality"] == self.modality)
 
     def take(self, count: int) -> list[dict]:
         records = []

@@ -2,9 +2,9 @@
 
 import numpy as np
 import torch
-from datasets import Image, load_dataset
+from datasets import load_dataset
 
-from processing.schema import FEATURES
+from processing.schema import FEATURES, undecoded
 from processing.shards import modality_shards
 from training.data import shard_files
 
@@ -12,7 +12,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def load_split(data: str, modality: str, split: str):
-    """A split's records of one modality, images/volumes left undecoded (decoded per batch)."""
+    """A split's records of one modality, images, volumes and masks left undecoded (decoded per batch)."""
     files = shard_files(data, split)
     if files is None:
         raise FileNotFoundError(f"data folder {data} does not exist (write it with a processing/ reader)")
@@ -22,7 +22,7 @@ def load_split(data: str, modality: str, split: str):
         dataset = dataset.filter(lambda value: value == modality, input_columns="modality")
     if len(dataset) == 0:
         raise ValueError(f"{data}: the {split!r} split holds no {modality} records")
-    return dataset.cast_column("image", Image(decode=False))
+    return undecoded(dataset)
 
 
 def stratified_subset(strata: list[str], fraction: float, seed: int) -> np.ndarray:

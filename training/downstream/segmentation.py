@@ -239,7 +239,7 @@ class SegmentationTask(DownstreamTask):
         cases with each combination, empty ones included."""
         column = "mask_image" if spec.modality == XRAY else "mask_volume"
         strata = []
-        for record in dataset.select_columns(["sample_id", column, "volume_shape"]):
+        for record in dataset.select_columns(["sample_id", column]):
             present = np.unique(record_mask(record, spec.modality))
             strata.append(",".join(str(int(value)) for value in present if value > 0))
         return strata

@@ -42,15 +42,25 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
 
 
 class FrozenEncoderMixin:
-    """`freeze_encoder` for models that put a head on `self.vision_model`: a frozen encoder gets no gradients and
-    stays in eval mode even under `model.train()`, so dropout never touches the features; kept in the config."""
+    """The `freeze_encoder` switch shared by the heads on the UniMedI encoder (classification, segmentation).
+
+    Frozen (`freeze_encoder=True` in the constructor or `from_pretrained`, kept in the saved config, or
+    `freeze_encoder()`): `vision_model` gets no gradients and stays in eval mode even under `model.train()`, so dropout
+    never touches the features; only the head learns. A subclass calls `_init_frozen_encoder(flag)` after `post_init`.
+    """
+
+    def _init_frozen_encoder(self, freeze_encoder: bool | None) -> None:
+        if freeze_encoder is not None:
+            self.config.freeze_encoder = freeze_encoder
+        if self.encoder_frozen:
+            self.freeze_encoder()
 
     @property
     def encoder_frozen(self) -> bool:
         return bool(getattr(self.config, "freeze_encoder", False))
 
     def freeze_encoder(self) -> None:
-        """Take the encoder out of training (linear probe, decoder-only training); recorded in the config."""
+        """The encoder gets no gradients and stays in eval mode; recorded in the config."""
         self.config.freeze_encoder = True
         self.train(self.training)
 
@@ -62,6 +72,11 @@ class FrozenEncoderMixin:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
         return self
+
+    def encode(self, **inputs):
+        """`vision_model(**inputs)`, without building a graph through a frozen encoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            return self.vision_model(**inputs)
 
 
 class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
@@ -90,10 +105,7 @@ class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
         hidden_size = config.vision_config.hidden_size
         self.classifier = nn.Linear(hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-        if freeze_encoder is not None:
-            config.freeze_encoder = freeze_encoder
-        if self.encoder_frozen:
-            self.freeze_encoder()
+        self._init_frozen_encoder(freeze_encoder)
 
     @can_return_tuple
     def forward(
@@ -114,8 +126,7 @@ class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
             raise ValueError(
                 "Give either `pixel_values` (X-rays) or `volume_values` (CT volumes), not both or neither"
             )
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            outputs = self.vision_model(pixel_values=pixel_values, volume_values=volume_values, **kwargs)
+        outputs = self.encode(pixel_values=pixel_values, volume_values=volume_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
 
         loss = None
@@ -129,4 +140,4 @@ class UniMedIForImageClassification(FrozenEncoderMixin, UniMedIPreTrainedModel):
         )
 
 
-__all__ = ["UniMedIForImageClassification"]
+__all__ = ["FrozenEncoderMixin", "UniMedIForImageClassification"]

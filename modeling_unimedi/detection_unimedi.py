@@ -179,12 +179,9 @@ class UniMedIForObjectDetection(FrozenEncoderMixin, UniMedIPreTrainedModel):
         )
         self.rpn, self.roi_heads = detector.rpn, detector.roi_heads
         self.post_init()
-        if freeze_encoder is not None:
-            config.freeze_encoder = freeze_encoder
-        elif not hasattr(config, "freeze_encoder"):
-            config.freeze_encoder = True
-        if self.encoder_frozen:
-            self.freeze_encoder()
+        if freeze_encoder is None and not hasattr(config, "freeze_encoder"):
+            freeze_encoder = True  # the paper's protocol unless the config or the caller says otherwise
+        self._init_frozen_encoder(freeze_encoder)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -201,8 +198,7 @@ class UniMedIForObjectDetection(FrozenEncoderMixin, UniMedIPreTrainedModel):
 
     def feature_maps(self, pixel_values: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """The pyramid's levels from the encoder's last layer (its final-normed patch tokens as a grid)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            tokens = self.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        tokens = self.encode(pixel_values=pixel_values).last_hidden_state[:, 1:]
         grid_h, grid_w = (side // self.config.vision_config.patch_size for side in pixel_values.shape[-2:])
         return self.feature_pyramid(tokens.transpose(1, 2).unflatten(2, (grid_h, grid_w)))
 

@@ -180,7 +180,7 @@ class UniMedIForObjectDetection(FrozenEncoderMixin, UniMedIPreTrainedModel):
         self.rpn, self.roi_heads = detector.rpn, detector.roi_heads
         self.post_init()
         if freeze_encoder is None and not hasattr(config, "freeze_encoder"):
-            freeze_encoder = True
+            freeze_encoder = True  # the paper's protocol unless the config or the caller says otherwise
         self._init_frozen_encoder(freeze_encoder)
 
     @torch.no_grad()

@@ -353,3 +353,15 @@ def test_the_dataset_decides_the_task_and_a_wrong_task_is_refused():
     assert load_settings(None, []).task == "classification"
     with pytest.raises(ValueError, match="unknown task"):
         load_settings(None, ["task=regression"])
+
+
+def test_test_split_setting_picks_the_stored_split_tested_at_the_end(groundtruth_data, tmp_path):
+    from training.downstream import TASKS
+
+    settings = tiny_finetune_args(groundtruth_data, tmp_path / "unused", test_split="validation")
+    config = load_settings(None, settings)
+    task, spec = TASKS[config.task], DATASETS[config.dataset]
+    model = task.build_model(config, spec)
+    loaders, _ = task.build_loaders(config, spec, model.config.vision_config)
+    assert loaders["test"].dataset["sample_id"] == loaders["validation"].dataset["sample_id"]
+    assert all(split == "validation" for split in loaders["test"].dataset["split"])

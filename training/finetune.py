@@ -51,6 +51,7 @@ class FinetuneConfig:
     model_config: dict = field(default_factory=dict)  # UniMedIConfig fields for a random-init encoder
     head_config: dict = field(default_factory=dict)  # config fields of the task's head (decoder widths, loss weights)
     label_fraction: float = 1.0  # share of the training split used: 0.01 / 0.1 / 1.0 in the paper
+    test_split: str = "test"  # the stored split tested once at the end (BCV/AMOS: "validation", see their configs)
     freeze_encoder: bool = True  # only the head trains: linear probe (§4.2), decoder-only segmentation (§7.2)
     batch_size: int = 48  # appendix §7.1: 48 for linear classification (96 for full-data CheXpert fine-tuning)
     head_learning_rate: float = 5e-4  # appendix §7.1: AdamW lr 5e-4 (COVIDx 5e-3)

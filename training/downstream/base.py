@@ -75,11 +75,13 @@ class DownstreamTask:
         return model
 
     def build_loaders(self, config, spec: DatasetSpec, vision_config) -> tuple[dict, dict]:
-        """DataLoaders of the three splits (train: the stratified label subset) and what the subset was."""
+        """DataLoaders of the three splits (train: the stratified label subset; test: the `test_split` setting's
+        records) and what the subset was."""
         loaders, subset = {}, {}
         for split in SPLITS:
+            stored = config.test_split if split == "test" else split
             dataset = self.prepare_split(
-                load_split(config.data, spec.modality, split), spec, f"{config.data} ({split})"
+                load_split(config.data, spec.modality, stored), spec, f"{config.data} ({stored})"
             )
             if split == "train":
                 keep = stratified_subset(self.strata(dataset, spec), config.label_fraction, config.seed)

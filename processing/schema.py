@@ -150,14 +150,13 @@ def _grid_geometry(header, name: str) -> tuple[tuple[int, int, int], tuple[float
             f"{name}: a grid stores its values unscaled, the NIfTI has scl_slope/inter {slope}/{intercept}"
         )
     affine = header.get_best_affine()
-    axes = affine[:3, :3]
-    zooms = np.sqrt((axes**2).sum(axis=0))
-    axis_aligned = np.count_nonzero(np.abs(axes) > 1e-6 * zooms.max()) == 3
-    codes = import_nibabel().orientations.aff2axcodes(affine)
-    if not axis_aligned or codes != GRID_AXCODES:
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # exact signs: encode_grid writes axis-aligned affines, so any obliquity or another orientation shows here
+    if not np.array_equal(np.sign(affine[:3, :3]), np.sign(grid_affine(shape[::-1], (1.0, 1.0, 1.0))[:3, :3])):
+        codes = "".join(str(code) for code in import_nibabel().orientations.aff2axcodes(affine))
         raise ValueError(
-            f"{name}: not a grid in the canonical orientation (voxel axes {''.join(str(c) for c in codes)}, "
-            f"expected {''.join(GRID_AXCODES)} without obliquity): store CTs with encode_grid"
+            f"{name}: not a grid in the canonical orientation (voxel axes {codes}, expected {''.join(GRID_AXCODES)} "
+            "without obliquity): store CTs with encode_grid"
         )
     return shape[::-1], tuple(float(z) for z in zooms[::-1])
 

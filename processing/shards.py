@@ -41,7 +41,8 @@ def write_shards(
 def _write_parquet(records: list[dict], path: Path) -> None:
     """One shard, compressed with zstd level 1. `Dataset.to_parquet` stores media cells uncompressed, as media files
     usually are compressed already; the NIfTI cells are raw int16, which zstd level 1 shrinks to about 0.64 of their
-    size at snappy's decompression cost (README: shard sizes)."""
+    size at snappy's decompression cost: a generated benchmark CT record (volume and slab images) takes 1.10 MiB,
+    1.77 uncompressed (`benchmarks/data_throughput.py` prints the size per record)."""
     table = embed_table_storage(Dataset.from_list(records, features=FEATURES).data.table)  # paths -> file bytes
     pq.write_table(
         table,

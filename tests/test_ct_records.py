@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset, Features, load_dataset
 from huggingface_hub import DatasetCard
 
-from modeling_unimedi import UniMedIVolumeProcessor
+from modeling_unimedi import UniMedIImageProcessor, UniMedIProcessor, UniMedIVolumeProcessor
 from modeling_unimedi.loading_unimedi import load_ct
 from processing.pipeline import CTCandidate, load_ct_record
 from processing.schema import (
@@ -66,7 +66,7 @@ def test_the_nifti_is_a_usual_ct_file_whose_affine_holds_spacing_and_orientation
                                    nib.affines.apply_affine(slabs.affine, slab_voxel), atol=1e-4)  # fmt: skip
 
 
-def test_processor_reads_a_decoded_record_as_the_stored_training_path_does(ct_nifti_path):
+def test_processor_reads_a_decoded_record_as_the_stored_training_path_does(ct_nifti_path, text_tokenizer):
     """A real CT prepared into a record: `processor(volumes=[row["volume"]])` (the nibabel image `datasets` decodes)
     is already on the grid, so it gives exactly the training path's values (`window_grid` of the int16 voxels); the
     undecoded cell gives the same, and both match processing the original file up to int16 rounding."""
@@ -75,6 +75,8 @@ def test_processor_reads_a_decoded_record_as_the_stored_training_path_does(ct_ni
     processor = UniMedIVolumeProcessor()
     stored = processor.window_grid([decode_volume(record)])["volume_values"]
     assert torch.equal(processor(volumes=[row["volume"]])["volume_values"], stored)
+    combined = UniMedIProcessor(UniMedIImageProcessor(), text_tokenizer, volume_processor=processor)
+    assert torch.equal(combined(volumes=[row["volume"]])["volume_values"], stored)
     assert torch.equal(processor(volumes=[record["volume"]])["volume_values"], stored)  # {"bytes": ...} cell
     original = processor(volumes=[ct_nifti_path])["volume_values"]
     assert (original - stored).abs().max() <= 0.5 / 1000 + 1e-6  # 0.5 HU rounding over the 2000 HU window, x2

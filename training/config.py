@@ -29,9 +29,12 @@ class PretrainConfig:
     freeze_text_layers: int | str = (
         0  # freeze the text embeddings and this many bottom layers, or "all" (ConVIRT: 6/12)
     )
+    # start the text projection with the report encoder's mean [CLS] direction projected out (training/text_projection.py)
+    center_text_projection: bool = False
     # optimisation (paper: AdamW, lr 2e-5, weight decay 0.05, 20 warm-up epochs then cosine, batch 144, 50 epochs)
     learning_rate: float = 2e-5
     text_learning_rate: float | None = None  # the text encoder's own rate; None: learning_rate
+    text_projection_learning_rate: float | None = None  # the text projection's own rate (0: kept as initialised)
     weight_decay: float = 0.05
     batch_size: int = 144  # global, across processes and accumulation steps
     num_epochs: float = 50.0

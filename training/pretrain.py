@@ -40,6 +40,7 @@ from training.data import MixedBatches, PretrainCollator, shard_files, shard_siz
 from training.engine import TrainingRun, train_loop
 from training.model_card import write_model_card
 from training.text_cache import install_text_cache
+from training.text_projection import mean_text_direction, remove_direction, training_reports
 
 logger = logging.getLogger("unimedi.pretrain")
 
@@ -126,18 +127,35 @@ def count_records(data: str | list[str], split: str) -> int:
     return sum(shard_sizes(files))
 
 
+def center_text_projection(model: UniMedIForPreTraining, processor: UniMedIProcessor, config: PretrainConfig) -> None:
+    """Project the report encoder's mean [CLS] direction over 256 training reports out of the text projection."""
+    reports = training_reports(config.train_data, config.train_split, limit=256)
+    direction = mean_text_direction(model.unimedi.text_model, processor.tokenizer, reports, config.max_length)
+    remove_direction(model.unimedi.text_projection, direction)
+
+
 def optimizer_groups(
-    model: torch.nn.Module, learning_rate: float, weight_decay: float, text_learning_rate: float | None = None
+    model: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    text_learning_rate: float | None = None,
+    text_projection_learning_rate: float | None = None,
 ) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms, tokens, position tables and the logit scale; the text encoder
-    at its own learning rate when one is given (a pretrained BERT next to a vision tower trained from scratch)."""
+    at its own learning rate when one is given (a pretrained BERT next to a vision tower trained from scratch), and
+    the text projection at its own (0 keeps a frozen encoder's report embeddings fixed targets, as LiT locks a tower).
+    """
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or name.endswith(("cls_token", "position_embedding", "logit_scale"))
-        is_text = name.startswith("unimedi.text_model.") and text_learning_rate is not None
-        key = (text_learning_rate if is_text else learning_rate, 0.0 if skip else weight_decay)
+        rate = learning_rate
+        if name.startswith("unimedi.text_model.") and text_learning_rate is not None:
+            rate = text_learning_rate
+        if name.startswith("unimedi.text_projection.") and text_projection_learning_rate is not None:
+            rate = text_projection_learning_rate
+        key = (rate, 0.0 if skip else weight_decay)
         groups.setdefault(key, []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
@@ -226,8 +244,16 @@ def train(config: PretrainConfig) -> Path:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     processor = build_processor(config, model.config)
+    if config.center_text_projection:
+        center_text_projection(model, processor, config)
     optimizer = torch.optim.AdamW(
-        optimizer_groups(model, config.learning_rate, config.weight_decay, config.text_learning_rate)
+        optimizer_groups(
+            model,
+            config.learning_rate,
+            config.weight_decay,
+            config.text_learning_rate,
+            config.text_projection_learning_rate,
+        )
     )
     scheduler = build_schedulers(optimizer, plan)
     model, optimizer = accelerator.prepare(model, optimizer)

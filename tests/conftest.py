@@ -111,3 +111,24 @@ def write_dicom_ct_series(dicom_ct_slice_path):
         return stored
 
     return write
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    """An inference save and a pretraining save (teacher and DINO heads included) of tiny models, with their encoder
+    weights: what the downstream heads load from."""
+    import torch
+    from tiny_configs import tiny_config, vision_state
+
+    from modeling_unimedi import UniMedIForPreTraining, UniMedIModel
+
+    root = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    inference = UniMedIModel(tiny_config())
+    inference.save_pretrained(root / "inference")
+    pretraining = UniMedIForPreTraining(tiny_config(dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16))
+    pretraining.save_pretrained(root / "pretraining")
+    return {
+        "inference": (root / "inference", vision_state(inference.vision_model)),
+        "pretraining": (root / "pretraining", vision_state(pretraining.unimedi.vision_model)),
+    }

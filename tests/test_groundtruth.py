@@ -116,7 +116,9 @@ def test_shards_round_trip_in_the_record_layout(dataset):
         assert volume.shape == (32, 128, 128) and volume.dtype == np.int16
         scanned = metadata["look"]["scan_stop"] - metadata["look"]["scan_start"]
         assert 0.35 * 133 - 1 <= scanned <= 0.55 * 133 + 1
-        np.testing.assert_allclose(decode_grid(record["volume"], "volume").spacing, (scanned * 2.5 / 32, in_plane, in_plane), rtol=1e-5)
+        np.testing.assert_allclose(
+            decode_grid(record["volume"], "volume").spacing, (scanned * 2.5 / 32, in_plane, in_plane), rtol=1e-5
+        )
         assert -1024 <= volume.min() < -900 and 300 < volume.max() <= 3071  # air and bone/contrast present
         assert (metadata["slab_depth"], metadata["num_slabs"]) == (SLAB, 8)
         for lesion in metadata["lesions"]:
@@ -407,3 +409,22 @@ def test_parser_reads_negations_zones_and_sides():
     assert parse_labels("There is no nodule or mass. There is no pleural fluid. No airspace consolidation.") == [
         NORMAL
     ]
+
+
+def test_forked_generation_on_several_torch_threads_does_not_hang(tmp_path):
+    """Forked renderers on the paper-size grid with torch's default threads hung in the OpenMP pool inherited from
+    the parent (found by `make demo`: without the single-thread initializer this run never ends)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from processing.groundtruth import GroundTruthConfig, generate\n"
+        f"generate(GroundTruthConfig(num_xrays=6, num_cts=6, xray_size=64), {str(tmp_path / 'data')!r}, num_proc=2)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "data").glob("*-ct-*.parquet"))) >= 1

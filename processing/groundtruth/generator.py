@@ -57,6 +57,7 @@ from PIL import Image
 from modeling_unimedi.loading_unimedi import CTVolume
 from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, slab_central_indices
 
+from ..pipeline import single_threaded_worker
 from ..schema import CT, XRAY, ct_record, xray_record
 from ..shards import write_shards
 from .drr import (
@@ -626,7 +627,9 @@ def _renderer(generator: GroundTruthGenerator, num_proc: int):
         return
     global _WORKER_GENERATOR
     _WORKER_GENERATOR = generator
-    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+    # One torch thread per worker: a forked child entering the OpenMP pool its parent had started (e.g. pretraining,
+    # which generates the data after using torch) hangs; single-threaded torch never enters it.
+    with multiprocessing.get_context("fork").Pool(num_proc, initializer=single_threaded_worker) as pool:
         yield lambda cases: pool.imap(_render_in_worker, cases, chunksize=4)
     _WORKER_GENERATOR = None
 

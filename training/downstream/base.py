@@ -28,6 +28,11 @@ class DatasetSpec:
     problem_type: str | None = None
 
 
+def label_config(id2label: dict[int, str]) -> dict:
+    """`num_labels`, `id2label` and `label2id` of a head whose output i means `id2label[i]`."""
+    return {"num_labels": len(id2label), "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+
+
 class DownstreamTask:
     """One downstream task. Subclasses set `name` and `model_class` and implement the hooks `head_config`,
     `strata`, `collator` and `evaluate`; `prepare_split` is optional."""

@@ -18,7 +18,7 @@ from processing.groundtruth.reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS
 from processing.schema import CT, XRAY, decode_volume
 from training.pretrain import xray_processor
 
-from .base import DatasetSpec, DownstreamTask
+from .base import DatasetSpec, DownstreamTask, label_config
 
 MULTI_LABEL, SINGLE_LABEL = "multi_label_classification", "single_label_classification"
 MEAN_AUROC, ACCURACY = "mean_auroc", "accuracy"
@@ -109,12 +109,7 @@ class ClassificationTask(DownstreamTask):
     model_class = UniMedIForImageClassification
 
     def head_config(self, config, spec: DatasetSpec) -> dict:
-        return {
-            "num_labels": len(spec.labels),
-            "id2label": dict(enumerate(spec.labels)),
-            "label2id": {name: i for i, name in enumerate(spec.labels)},
-            "problem_type": spec.problem_type,
-        }
+        return {**label_config(dict(enumerate(spec.labels))), "problem_type": spec.problem_type}
 
     def prepare_split(self, dataset, spec: DatasetSpec, where: str):
         return dataset.add_column("target", list(targets(dataset["labels"], spec, where)))

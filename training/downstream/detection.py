@@ -27,7 +27,7 @@ from processing.groundtruth.reports import FINDING_NAMES as GROUNDTRUTH_FINDINGS
 from processing.schema import XRAY
 from training.pretrain import xray_processor
 
-from .base import DatasetSpec, DownstreamTask
+from .base import DatasetSpec, DownstreamTask, label_config
 
 TASK_NAME = "detection"
 MAP_40_75, MAP, MAP_50 = "map_40_75", "map", "map_50"
@@ -108,11 +108,7 @@ class DetectionTask(DownstreamTask):
     model_class = UniMedIForObjectDetection
 
     def head_config(self, config, spec: DatasetSpec) -> dict:
-        return {
-            "num_labels": len(spec.labels),
-            "id2label": dict(enumerate(spec.labels)),
-            "label2id": {name: i for i, name in enumerate(spec.labels)},
-        }
+        return label_config(dict(enumerate(spec.labels)))
 
     def strata(self, dataset, spec: DatasetSpec) -> list[str]:
         """With boxes or without: a label fraction keeps the share of X-rays that show a finding."""

@@ -24,7 +24,7 @@ from processing.groundtruth.generator import CT_MASK_LABELS, XRAY_MASK_LABELS
 from processing.schema import CT, XRAY, decode_mask_image, decode_mask_volume, decode_volume
 from training.pretrain import xray_processor
 
-from .base import DatasetSpec, DownstreamTask
+from .base import DatasetSpec, DownstreamTask, label_config
 
 TASK_NAME = "segmentation"
 MEAN_DICE = "mean_dice"
@@ -227,12 +227,7 @@ class SegmentationTask(DownstreamTask):
             id2label = {0: spec.labels[0]}
         else:
             id2label = {0: "background", **{i + 1: name for i, name in enumerate(spec.labels)}}
-        return {
-            "num_labels": len(id2label),
-            "id2label": id2label,
-            "label2id": {name: i for i, name in id2label.items()},
-            "segmentation_decoders": ["setr-pup" if spec.modality == XRAY else "unetr"],
-        }
+        return {**label_config(id2label), "segmentation_decoders": ["setr-pup" if spec.modality == XRAY else "unetr"]}
 
     def strata(self, dataset, spec: DatasetSpec) -> list[str]:
         """Which foreground classes each training record's mask holds (e.g. "0,3"), so a fraction keeps the share of

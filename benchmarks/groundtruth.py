@@ -150,14 +150,30 @@ def train_and_evaluate(run: Run, seed: int, args) -> dict:
     overrides += GPU_SCALE_OVERRIDES if args.gpu_scale else []
     overrides += args.set
     config = load_config(args.config, overrides)
-    train_seconds = None
-    if not prepare_run_dir(run_dir, args.reuse, args.overwrite):
+    timing = run_dir / "train_seconds.json"
+    if prepare_run_dir(run_dir, args.reuse, args.overwrite):
+        train_seconds = json.loads(timing.read_text()) if timing.is_file() else None
+    else:
         LOGGER.info("=== training %s seed %d: %s", run.name, seed, " ".join(overrides))
         started = time.perf_counter()
         train(config)
         train_seconds = round(time.perf_counter() - started, 1)
-    metrics = evaluate(run_dir / "final", args.data, args.split, run_dir / "evaluation", args.batch_size)
+        timing.write_text(json.dumps(train_seconds))
+    metrics = stored_metrics(run_dir / "evaluation", args) if args.reuse else None
+    if metrics is None:
+        metrics = evaluate(run_dir / "final", args.data, args.split, run_dir / "evaluation", args.batch_size)
     return {"label": run.label, "seed": seed, "overrides": overrides, "train_seconds": train_seconds, **metrics}
+
+
+def stored_metrics(evaluation_dir: Path, args) -> dict | None:
+    """A reused run's earlier evaluation when it measured the same data and split (so runs trained by several
+    benchmark processes, e.g. one per core with ``--runs``, are gathered by a final ``--reuse`` without re-measuring)."""
+    path = evaluation_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    same = metrics.get("split") == args.split and Path(metrics.get("data", "")).resolve() == Path(args.data).resolve()
+    return metrics if same else None
 
 
 def run_all(runs, seeds, args) -> dict[str, dict]:
@@ -586,9 +602,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--reuse", action="store_true", help="evaluate runs whose final/ already exists, untrained")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                        help=f"train and report only these runs (default all: {' '.join(run.name for run in RUNS)})")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs whose final/ already exists, untrained (and their evaluation, if of this data)")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier run folders before training")
     return parser.parse_args(argv)
+
+
+def selected_runs(names: list[str] | None) -> tuple[Run, ...]:
+    if names is None:
+        return RUNS
+    known = {run.name: run for run in RUNS}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; the runs are {list(known)}")
+    return tuple(known[name] for name in names)
 
 
 def main(argv=None) -> dict:
@@ -610,7 +639,7 @@ def main(argv=None) -> dict:
     else:
         seeds = args.seeds or (DEFAULT_SEEDS[:1] if args.quick else DEFAULT_SEEDS)
         mode = f"{'quick: one run' if args.quick else 'all runs'}, training seeds {list(seeds)}"
-        results = run_all(RUNS[:1] if args.quick else RUNS, seeds, args)
+        results = run_all(RUNS[:1] if args.quick else selected_runs(args.runs), seeds, args)
     total = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -110,9 +110,14 @@ GPU_SCALE_OVERRIDES = [
 
 @dataclass(frozen=True)
 class Run:
+    """One row: a training (``overrides``), or, with ``model_of``, another row's trained models measured again with
+    ``volume_embedding`` (an inference choice, no training)."""
+
     name: str
     label: str
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    model_of: str | None = None
+    volume_embedding: str | None = None
 
 
 FULL = Run("vl_sd_attn", "VL+SD+Attn (UniMedI, joint 2D+3D)", ("ablation=vl+sd+attn",))
@@ -123,6 +128,9 @@ RUNS = (
     Run("vl_sd_random_mask", "VL+SD(random-mask) (joint)", ("ablation=vl+sd(random-mask)",)),
     Run("xray_only", "separate 2D model (X-rays only)", ("ablation=vl+sd+attn", "ct_fraction=0")),
     Run("ct_only", "separate 3D model (CTs only)", ("ablation=vl+sd+attn", "ct_fraction=1")),
+    # issue 11: should the inference CT embedding also take the selected slices, as pretraining's [CLS] did?
+    Run("vl_sd_attn_with_slices", "VL+SD+Attn, CT embedded with its selected slices", model_of=FULL.name,
+        volume_embedding="volume_with_slices"),  # fmt: skip
 )
 ABLATION_ORDER = ("vl", "vl_sd", "vl_sd_attn")
 
@@ -146,6 +154,15 @@ def train_and_evaluate(run: Run, seed: int, args) -> dict:
     """Train one run with one training seed (unless reused) and evaluate its final model; returns the metrics with
     wall times."""
     run_dir = Path(args.out) / "runs" / run.name / f"seed-{seed}"
+    if run.model_of is not None:
+        model_dir = Path(args.out) / "runs" / run.model_of / f"seed-{seed}" / "final"
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run.name} measures {run.model_of}'s model, which is not trained: {model_dir}")
+        metrics = stored_metrics(run_dir / "evaluation", args) if args.reuse else None
+        if metrics is None:
+            metrics = evaluate(model_dir, args.data, args.split, run_dir / "evaluation", args.batch_size,
+                               volume_embedding=run.volume_embedding)  # fmt: skip
+        return {"label": run.label, "seed": seed, "measures": run.model_of, "train_seconds": None, **metrics}
     overrides = [f"train_data={args.data}", f"output_dir={run_dir}", "report_to=none", f"seed={seed}", *run.overrides]
     overrides += GPU_SCALE_OVERRIDES if args.gpu_scale else []
     overrides += args.set
@@ -379,8 +396,23 @@ def summary_tables(results: dict[str, dict]) -> list[str]:
 
 
 def _train_minutes(result: dict) -> str:
-    seconds = [metrics["train_seconds"] for metrics in result["seeds"].values()]
-    return " / ".join("reused" if value is None else f"{value / 60:.1f}" for value in seconds)
+    seeds = list(result["seeds"].values())
+    if seeds and seeds[0].get("measures"):
+        return f"none ({seeds[0]['measures']}'s models)"
+    return " / ".join("reused" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}" for m in seeds)
+
+
+def seeds_p_value(lower: dict, higher: dict, read) -> float | None:
+    """One-sided Welch t-test over training seeds that ``higher``'s number exceeds ``lower``'s (None below two
+    seeds each): the between-run comparisons of the targets carry the seed-to-seed spread, not only the test set's."""
+    a, b = seed_values(lower, read), seed_values(higher, read)
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return None
+    return float(stats.ttest_ind(b, a, equal_var=False, alternative="greater").pvalue)
+
+
+def _p_text(p: float | None) -> str:
+    return "p n/a (under 2 seeds, or no spread)" if p is None else f"p = {p:.2g}"
 
 
 def _mean_of(result: dict, read) -> float | None:
@@ -431,18 +463,24 @@ def target_statements(results: dict) -> list[str]:
             f"{results[name]['label'].split(' ')[0]} {percent(v)}" for name, v in zip(ABLATION_ORDER, values)
         )
         ordered = None not in values and all(a < b for a, b in itertools.pairwise(values))
+        steps = "; ".join(
+            f"{results[higher]['label'].split(' ')[0]} > {results[lower]['label'].split(' ')[0]}: "
+            + _p_text(seeds_p_value(results[lower], results[higher], _both_modalities_auroc))
+            for lower, higher in itertools.pairwise(ABLATION_ORDER)
+        )
         statements.append(
             f"Target 3a (Table 7 order VL < VL+SD < VL+SD+Attn on the mean AUROC of both modalities) "
-            f"{'MET' if ordered else 'MISSED'}: {shown}."
+            f"{'MET' if ordered else 'MISSED'}: {shown} (Welch over seeds, one-sided: {steps})."
         )
     for separate, modality in (("xray_only", XRAY), ("ct_only", CT)):
         if separate in results and full is not None:
-            joint = _mean_of(full, lambda m, mo=modality: m["zero_shot_auroc"][mo]["mean"])
-            alone = _mean_of(results[separate], lambda m, mo=modality: m["zero_shot_auroc"][mo]["mean"])
+            read = lambda m, mo=modality: m["zero_shot_auroc"][mo]["mean"]  # noqa: E731
+            joint, alone = _mean_of(full, read), _mean_of(results[separate], read)
             met = joint is not None and alone is not None and joint > alone
             statements.append(
                 f"Target 3b (joint > separate {MODALITY_NAMES[modality]} model, mean AUROC) "
-                f"{'MET' if met else 'MISSED'}: {percent(joint)} vs {percent(alone)}."
+                f"{'MET' if met else 'MISSED'}: {percent(joint)} vs {percent(alone)} "
+                f"(Welch over seeds, one-sided: {_p_text(seeds_p_value(results[separate], full, read))})."
             )
     if full is not None:
         statements.append(_demo_target(full))

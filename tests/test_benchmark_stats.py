@@ -1,6 +1,9 @@
 """The benchmark's statistics: intervals cover, p-values reject what they should and only that, the constant-slab
 baselines pick the right slab, and the runner's aggregation and power calculation are right."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +172,55 @@ def test_vectorised_bootstrap_equals_scikit_learn_on_the_same_resamples():
     drawn = np.random.default_rng(SEED).integers(40, size=(BOOTSTRAP_RESAMPLES, 40))
     replicates = [roc_auc_score(labels[d], scores[d]) for d in drawn if 0 < labels[d].sum() < 40]
     assert result["ci"] == pytest.approx(np.quantile(replicates, [0.025, 0.975]).tolist())
+
+
+def test_between_run_p_value_over_seeds():
+    from benchmarks.groundtruth import seeds_p_value
+
+    def run(values):
+        return {"seeds": {seed: {"x": value} for seed, value in enumerate(values)}}
+
+    read = lambda metrics: metrics["x"]  # noqa: E731
+    assert seeds_p_value(run([0.60, 0.62, 0.61]), run([0.80, 0.79, 0.82]), read) < 0.01
+    assert seeds_p_value(run([0.80, 0.79, 0.82]), run([0.60, 0.62, 0.61]), read) > 0.99  # one-sided
+    assert seeds_p_value(run([0.6]), run([0.8, 0.9]), read) is None  # one seed: no spread to test against
+
+
+def test_runner_selects_rows_reuses_evaluations_and_measures_a_row_with_another_inference_embedding(
+    tmp_path, monkeypatch
+):
+    from argparse import Namespace
+
+    import benchmarks.groundtruth as benchmark
+
+    with pytest.raises(SystemExit, match="unknown run"):
+        benchmark.selected_runs(["vl", "nope"])
+    assert [run.name for run in benchmark.selected_runs(["vl", "vl_sd"])] == ["vl", "vl_sd"]
+    calls = []
+
+    def fake_evaluate(model_dir, data, split, out_dir, batch_size, volume_embedding=None):
+        calls.append((Path(model_dir), volume_embedding))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        metrics = {"data": str(data), "split": split, "volume_embedding": volume_embedding or "volume"}
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(benchmark, "evaluate", fake_evaluate)
+    args = Namespace(out=str(tmp_path), data=str(tmp_path / "data"), split="test", batch_size=4, reuse=True,
+                     overwrite=False, gpu_scale=False, set=[], config=None)  # fmt: skip
+    variant = next(run for run in benchmark.RUNS if run.model_of)
+    with pytest.raises(FileNotFoundError, match="not trained"):
+        benchmark.train_and_evaluate(variant, 0, args)
+    final = tmp_path / "runs" / variant.model_of / "seed-0" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final.parent / "train_seconds.json").write_text("61.5")
+    source = next(run for run in benchmark.RUNS if run.name == variant.model_of)
+    assert benchmark.train_and_evaluate(source, 0, args)["train_seconds"] == 61.5  # reused, not trained
+    measured = benchmark.train_and_evaluate(variant, 0, args)
+    assert calls == [(final, None), (final, "volume_with_slices")]
+    assert measured["volume_embedding"] == "volume_with_slices" and measured["measures"] == variant.model_of
+    benchmark.train_and_evaluate(variant, 0, args)
+    assert len(calls) == 2  # the stored evaluation of the same data and split is reused
+    benchmark.train_and_evaluate(variant, 0, Namespace(**{**vars(args), "split": "validation"}))
+    assert len(calls) == 3  # another split is measured again

@@ -320,14 +320,33 @@ def test_grid_runs_missing_cells_and_prints_paper_shaped_tables(groundtruth_data
     settings = tiny_finetune_args(groundtruth_data, tmp_path / "unused", num_epochs=1)
     settings = [s for s in settings if not s.startswith("output_dir=")]
     tables = finetune_grid.main([*args, *settings])
-    results = json.loads((tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").read_text())
+    cell = tmp_path / "random" / "groundtruth-xray-probe-0.5"
+    results = json.loads((cell / "seed-0" / "results.json").read_text())
     value = f"{100 * results['test']['mean_auroc']:.1f}"
     assert tables.splitlines()[2:] == ["| Method | groundtruth-xray 50 % |", "|---|---|", f"| random | {value} |"]
     assert (tmp_path / "tables.md").read_text() == tables
-    mtime = (tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").stat().st_mtime
+    mtime = (cell / "seed-0" / "results.json").stat().st_mtime
     finetune_grid.main([*args, *settings])  # a finished cell is not run again
-    assert (tmp_path / "random" / "groundtruth-xray-probe-0.5" / "results.json").stat().st_mtime == mtime
+    assert (cell / "seed-0" / "results.json").stat().st_mtime == mtime
     assert finetune_grid.parse_models("a=x/y,b=random") == {"a": "x/y", "b": None}
+
+
+def test_grid_tables_give_mean_sd_over_seeds_and_the_gain_over_random_init(tmp_path, monkeypatch):
+    from training import finetune_grid
+
+    table = finetune_grid.Table("Tiny table", ("groundtruth-xray",), True, (0.01, 1.0))
+    monkeypatch.setitem(finetune_grid.GRIDS, "tiny", (table,))
+    scores = {("random", 0.01): [0.50, 0.54, 0.52], ("pre", 0.01): [0.70, 0.74, 0.72], ("pre", 1.0): [0.90]}
+    for (model, fraction), values in scores.items():
+        for seed, value in enumerate(values):
+            folder = finetune_grid.cell_dir(tmp_path, model, "groundtruth-xray", True, fraction, seed)
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps({"metric": "mean_auroc", "test": {"mean_auroc": value}}))
+    lines = finetune_grid.markdown_tables("tiny", {"random": None, "pre": "x"}, tmp_path, (0, 1, 2)).splitlines()
+    assert lines[4:6] == ["| random | 52.0 ± 2.0 | - |", "| pre | 72.0 ± 2.0 | 90.0 |"]
+    gain = lines[-1]
+    assert gain.startswith("| pre | +20.0 (p=") and gain.endswith(" | - |")  # no random cell at 100 %: no gain
+    assert float(gain.split("p=")[1].split(")")[0]) < 0.01
 
 
 def test_the_dataset_decides_the_task_and_a_wrong_task_is_refused():

@@ -3,18 +3,24 @@
     python -m training.finetune_grid --grid groundtruth --models unimedi=outputs/demo/final,random=none
     python -m training.finetune_grid --grid paper --models unimedi=outputs/pretrain/final --data-root data
 
-Every cell is one `training.finetune` run in `<output-dir>/<model>/<dataset>-<protocol>-<fraction>/`; a cell whose
-`results.json` exists is not run again, so an interrupted grid continues where it stopped. Extra `key=value`
-settings go to every run (e.g. `num_epochs=5`); `--datasets` runs only some datasets' cells, `--tables-only` none.
+Every cell is one `training.finetune` run per seed (`--seeds`, default 0) in
+`<output-dir>/<model>/<dataset>-<protocol>-<fraction>/seed-<S>/`; a run whose `results.json` exists is not run
+again, so an interrupted grid continues where it stopped. Extra `key=value` settings go to every run (e.g.
+`num_epochs=5`); `--datasets` runs only some datasets' cells, `--tables-only` none. Tables show the mean ± sd over
+seeds and each pretrained model's gain over the random-init model (`name=none`) with a one-sided Welch p-value.
 Prints and writes `tables.md`: for `paper`, Table 1 (2D linear probe: CheXpert and RSNA AUROC, COVIDx accuracy),
 Table 2 (CC-CCII linear probe) and Table 3 (CC-CCII and LUNA16 fine-tuned on all labels); for `groundtruth`, the
 same protocol on the benchmark's X-rays and CTs.
 """
 
 import argparse
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 from training.finetune import CONFIG_DIR, load_settings, train
 
@@ -56,8 +62,10 @@ GRIDS = {
 }
 
 
-def cell_dir(output_dir: Path, model_name: str, dataset: str, freeze_encoder: bool, fraction: float) -> Path:
-    return output_dir / model_name / f"{dataset}-{'probe' if freeze_encoder else 'finetune'}-{fraction:g}"
+def cell_dir(
+    output_dir: Path, model_name: str, dataset: str, freeze_encoder: bool, fraction: float, seed: int
+) -> Path:
+    return output_dir / model_name / f"{dataset}-{'probe' if freeze_encoder else 'finetune'}-{fraction:g}" / f"seed-{seed}"
 
 
 def run_grid(
@@ -67,13 +75,15 @@ def run_grid(
     data_root: str | None,
     overrides: list[str],
     datasets: set[str] | None = None,
+    seeds: tuple[int, ...] = (0,),
 ):
-    """Run every missing cell of `grid` (of `datasets` only, when given) for every model."""
+    """Run every missing cell of `grid` (of `datasets` only, when given) for every model, once per seed (the seed
+    draws the label subset, the head's initialisation and the shuffle order)."""
     for table in GRIDS[grid]:
         for model_name, model in models.items():
             for dataset in (d for d in table.datasets if datasets is None or d in datasets):
-                for fraction in table.fractions:
-                    folder = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction)
+                for fraction, seed in itertools.product(table.fractions, seeds):
+                    folder = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction, seed)
                     if not (folder / "results.json").is_file():
                         settings = [
                             f"model={json.dumps(model)}",
@@ -81,28 +91,63 @@ def run_grid(
                             f"freeze_encoder={str(table.freeze_encoder).lower()}",
                             f"output_dir={folder}",
                             "overwrite_output_dir=true",
+                            f"seed={seed}",
                             *([f"data={Path(data_root) / dataset}"] if data_root else []),
                             *overrides,
                         ]
                         train(load_settings(CONFIG_DIR / CONFIG_FILES[dataset], settings))
 
 
-def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path) -> str:
-    """One markdown table per `Table`: a row per model, a column per dataset and label fraction, values in % ("-":
-    a cell not run)."""
+def cell_values(output_dir: Path, model_name: str, table: Table, dataset: str, fraction: float, seeds) -> list[float]:
+    """The test metric (%) of each finished seed of one cell."""
+    values = []
+    for seed in seeds:
+        results = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction, seed) / "results.json"
+        if results.is_file():
+            found = json.loads(results.read_text())
+            values.append(100 * found["test"][found["metric"]])
+    return values
+
+
+def mean_sd_text(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def gain_text(values: list[float], baseline: list[float]) -> str:
+    """Mean gain in points over the baseline's cell, with a one-sided Welch p-value over seeds when both have two."""
+    if not values or not baseline:
+        return "-"
+    gain = f"{np.mean(values) - np.mean(baseline):+.1f}"
+    if min(len(values), len(baseline)) < 2 or (np.ptp(values) == 0 and np.ptp(baseline) == 0):
+        return gain
+    return f"{gain} (p={stats.ttest_ind(values, baseline, equal_var=False, alternative='greater').pvalue:.2g})"
+
+
+def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path, seeds: tuple[int, ...] = (0,)) -> str:
+    """One markdown table per `Table`: a row per model, a column per dataset and label fraction, values in %, the
+    mean ± sd over `seeds` ("-": a cell not run); below it each pretrained model's gain over the random-init model
+    (the first with no folder), the comparison the paper's "pretraining helps most at 1 %" rests on."""
+    baseline = next((name for name, folder in models.items() if folder is None), None)
     blocks = []
     for table in GRIDS[grid]:
         columns = [(d, f) for d in table.datasets for f in table.fractions]
         header = "| Method | " + " | ".join(f"{d} {100 * f:g} %" for d, f in columns) + " |"
-        rows = [f"**{table.title}**", "", header, "|---" * (len(columns) + 1) + "|"]
-        for model_name in models:
-            cells = []
-            for dataset, fraction in columns:
-                results = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction) / "results.json"
-                found = json.loads(results.read_text()) if results.is_file() else None
-                value = None if found is None else found["test"][found["metric"]]
-                cells.append("-" if value is None else f"{100 * value:.1f}")
-            rows.append(f"| {model_name} | " + " | ".join(cells) + " |")
+        rule = "|---" * (len(columns) + 1) + "|"
+        values = {
+            name: [cell_values(output_dir, name, table, d, f, seeds) for d, f in columns] for name in models
+        }
+        rows = [f"**{table.title}** (seeds {list(seeds)})", "", header, rule]
+        rows += [f"| {name} | " + " | ".join(map(mean_sd_text, cells)) + " |" for name, cells in values.items()]
+        gains = [name for name in models if name != baseline and models[name] is not None]
+        if baseline is not None and gains:
+            rows += ["", f"Gain over {baseline} (points; one-sided Welch p over seeds)", "", header, rule]
+            rows += [
+                f"| {name} | " + " | ".join(map(gain_text, values[name], values[baseline])) + " |" for name in gains
+            ]
         blocks.append("\n".join(rows))
     return "\n\n".join(blocks) + "\n"
 
@@ -125,14 +170,15 @@ def main(argv=None) -> str:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/finetune_grid"))
     parser.add_argument("--data-root", help="folder holding one prepared folder per dataset (data-root/chexpert, ...)")
     parser.add_argument("--datasets", help="comma-separated: run only these datasets' cells (e.g. groundtruth-ct)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell (mean ± sd in tables)")
     parser.add_argument("--tables-only", action="store_true", help="print the tables of the finished cells only")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every run")
     args = parser.parse_args(argv)
     models = parse_models(args.models)
     datasets = set(args.datasets.split(",")) if args.datasets else None
     if not args.tables_only:
-        run_grid(args.grid, models, args.output_dir, args.data_root, args.overrides, datasets)
-    tables = markdown_tables(args.grid, models, args.output_dir)
+        run_grid(args.grid, models, args.output_dir, args.data_root, args.overrides, datasets, tuple(args.seeds))
+    tables = markdown_tables(args.grid, models, args.output_dir, tuple(args.seeds))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "tables.md").write_text(tables)
     print(tables)

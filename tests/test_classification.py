@@ -343,7 +343,7 @@ def test_grid_tables_give_mean_sd_over_seeds_and_the_gain_over_random_init(tmp_p
             folder.mkdir(parents=True)
             (folder / "results.json").write_text(json.dumps({"metric": "mean_auroc", "test": {"mean_auroc": value}}))
     lines = finetune_grid.markdown_tables("tiny", {"random": None, "pre": "x"}, tmp_path, (0, 1, 2)).splitlines()
-    assert lines[4:6] == ["| random | 52.0 ± 2.0 | - |", "| pre | 72.0 ± 2.0 | 90.0 |"]
+    assert lines[4:6] == ["| random | 52.0 ± 2.0 | - |", "| pre | 72.0 ± 2.0 | 90.0 (n=1) |"]
     gain = lines[-1]
     assert gain.startswith("| pre | +20.0 (p=") and gain.endswith(" | - |")  # no random cell at 100 %: no gain
     assert float(gain.split("p=")[1].split(")")[0]) < 0.01

@@ -79,10 +79,10 @@ def run_grid(
 ):
     """Run every missing cell of `grid` (of `datasets` only, when given) for every model, once per seed (the seed
     draws the label subset, the head's initialisation and the shuffle order)."""
-    for table in GRIDS[grid]:
+    for seed, table in itertools.product(seeds, GRIDS[grid]):  # a whole grid per seed: early seeds report first
         for model_name, model in models.items():
             for dataset in (d for d in table.datasets if datasets is None or d in datasets):
-                for fraction, seed in itertools.product(table.fractions, seeds):
+                for fraction in table.fractions:
                     folder = cell_dir(output_dir, model_name, dataset, table.freeze_encoder, fraction, seed)
                     if not (folder / "results.json").is_file():
                         settings = [
@@ -109,12 +109,12 @@ def cell_values(output_dir: Path, model_name: str, table: Table, dataset: str, f
     return values
 
 
-def mean_sd_text(values: list[float]) -> str:
+def mean_sd_text(values: list[float], num_seeds: int) -> str:
+    """Mean ± sd over the finished seeds, and how many finished when not all did."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    text = f"{values[0]:.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    return text if len(values) == num_seeds else f"{text} (n={len(values)})"
 
 
 def gain_text(values: list[float], baseline: list[float]) -> str:
@@ -141,7 +141,10 @@ def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path, 
             name: [cell_values(output_dir, name, table, d, f, seeds) for d, f in columns] for name in models
         }
         rows = [f"**{table.title}** (seeds {list(seeds)})", "", header, rule]
-        rows += [f"| {name} | " + " | ".join(map(mean_sd_text, cells)) + " |" for name, cells in values.items()]
+        rows += [
+            f"| {name} | " + " | ".join(mean_sd_text(cell, len(seeds)) for cell in cells) + " |"
+            for name, cells in values.items()
+        ]
         gains = [name for name in models if name != baseline and models[name] is not None]
         if baseline is not None and gains:
             rows += ["", f"Gain over {baseline} (points; one-sided Welch p over seeds)", "", header, rule]

@@ -90,16 +90,21 @@ def measure_case(generator: GroundTruthGenerator, processors: dict, case) -> lis
     rows = []
     for slab in lesion_slabs(grid_occupancy, config.slab_depth):
         crosses = float(images["central", "occupancy"][slab].max()) >= 0.5
-        row = {"case": case.sample_id, "size_mm": nodule.attributes["size_mm"], "slab": slab, "central_crosses": crosses}
+        row = {
+            "case": case.sample_id,
+            "size_mm": nodule.attributes["size_mm"],
+            "slab": slab,
+            "central_crosses": crosses,
+        }
         for name in processors:
             if name == "central" and not crosses:
                 row[f"cnr_{name}"] = row[f"noise_cnr_{name}"] = 0.0
                 continue
             inside, ring = nodule_and_ring(images[name, "occupancy"][slab])
-            clean, noise = images[name, "clean"][slab], images[name, "noise"][slab]
-            scan = clean + noise
+            clean_image, noise_image = images[name, "clean"][slab], images[name, "noise"][slab]
+            scan = clean_image + noise_image
             row[f"cnr_{name}"] = contrast(scan, inside, ring) / max(float(scan[ring].std()), 1e-6)
-            row[f"noise_cnr_{name}"] = contrast(clean, inside, ring) / max(float(noise[ring].std()), 1e-6)
+            row[f"noise_cnr_{name}"] = contrast(clean_image, inside, ring) / max(float(noise_image[ring].std()), 1e-6)
         rows.append(row)
     return rows
 

@@ -173,8 +173,9 @@ class UniMedIConfig(PreTrainedConfig):
             k, how many depth slabs of each CT become pseudo-2D images (§3.2): 2 of 8 slabs (25%), close to the top
             20% the authors used in their slice-selection check. 0 turns the pseudo-pairs off.
         pseudo_image_source (`str`, *optional*, defaults to `"grid"`):
-            Where a selected slab's pseudo-2D image comes from. `"native"`: the slab's central slice of the
-            original-resolution CT at the 2D input size (the batch's `slab_images`, stored by data preparation;
+            Where a selected slab's pseudo-2D image comes from. `"native"`: the slab's image from the
+            original-resolution CT at the 2D input size (the mean of its slices by default, the volume processor's
+            `slab_image_reduction`; the batch's `slab_images`, stored by data preparation;
             §3.2 treats selected slices as 2D images). `"grid"`: the slab's central slice of the 32x128x128 model
             grid, upsampled (for data without native slices; the default until the benchmark has measured "native").
         volume_embedding (`str`, *optional*, defaults to `"volume"`):

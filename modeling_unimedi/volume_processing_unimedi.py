@@ -47,6 +47,7 @@ from .loading_unimedi import (
 
 AIR_HU = -1000.0
 FIT_MODES = ("resize", "crop_or_pad")
+SLAB_IMAGE_REDUCTIONS = ("central", "mean")
 AXIS_OF_CODE = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
 
@@ -62,6 +63,7 @@ class UniMedIVolumeProcessorKwargs(TypedDict, total=False):
     image_std: float
     flip_axes: list[int]
     flip_probability: float
+    slab_image_reduction: str
 
 
 class UniMedIVolumeProcessor(BaseImageProcessor):
@@ -76,6 +78,8 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         image_mean, image_std (`float`, defaults 0.5 and 0.5): output = (windowed - mean) / std.
         flip_axes (`list[int]`, defaults to [2]): axes (0=D, 1=H, 2=W) randomly flipped when ``training=True``.
         flip_probability (`float`, defaults to 0.5): chance of flipping each of ``flip_axes`` when training.
+        slab_image_reduction (`str`, defaults to "mean"): how ``native_slab_images`` makes a depth slab's image from
+            its native slices: their "mean", or the "central" one.
     """
 
     model_input_names = ["volume_values"]
@@ -92,6 +96,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         image_std: float = 0.5,
         flip_axes: tuple[int, ...] = (2,),
         flip_probability: float = 0.5,
+        slab_image_reduction: str = "mean",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -104,6 +109,7 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         self.image_std = checked_number("image_std", image_std)
         self.flip_axes = checked_numbers("flip_axes", flip_axes, int)
         self.flip_probability = checked_number("flip_probability", flip_probability)
+        self.slab_image_reduction = slab_image_reduction
         self._validate_settings()
 
     def _validate_settings(self) -> None:
@@ -120,6 +126,10 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
             )
         if not isinstance(self.fit_mode, str) or self.fit_mode not in FIT_MODES:
             raise ValueError(f"fit_mode must be one of {FIT_MODES}, got {self.fit_mode!r}")
+        if not isinstance(self.slab_image_reduction, str) or self.slab_image_reduction not in SLAB_IMAGE_REDUCTIONS:
+            raise ValueError(
+                f"slab_image_reduction must be one of {SLAB_IMAGE_REDUCTIONS}, got {self.slab_image_reduction!r}"
+            )
         if self.target_spacing is not None:
             if self.fit_mode == "resize":
                 raise ValueError("target_spacing needs fit_mode='crop_or_pad': a whole-volume resize would undo it")
@@ -297,13 +307,18 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         return BatchFeature({"volume_values": values}, tensor_type=return_tensors)
 
     def native_slab_images(self, ct: CTVolume, num_slabs: int, image_size: int = 224) -> np.ndarray:
-        """Float32 HU (num_slabs, image_size, image_size): for each depth slab of the grid, its central slice of the
+        """Float32 HU (num_slabs, image_size, image_size): for each depth slab of the grid, one image of the
         original-resolution CT, resized in-plane to the 2D input size (the pseudo-2D images of §3.2 as real slices,
         not slices of the 32x128x128 grid).
 
         Slab i of the grid covers native slices [i n / S, (i + 1) n / S) (n native slices, S = ``num_slabs``), since
-        ``fit_mode="resize"`` maps the whole depth onto the grid; its central slice is the one at (i + 1/2) n / S.
-        The central slice, not the slab's mean, was chosen without a measurement of which works better.
+        ``fit_mode="resize"`` maps the whole depth onto the grid (``slab_native_slices``). ``slab_image_reduction``
+        "mean" averages them, "central" takes the one at (i + 1/2) n / S. "mean" is the default: on the ground-truth
+        generator's nodules and noise in the real CT (``python benchmarks/native_slices.py``: 200 nodule CTs, 287
+        nodule slabs) the central slice misses the nodule in 55.7 % of the slabs that hold it; the mean's CNR is
+        higher in 190 of 287 (Wilcoxon p = 5e-4) and against the noise 95.8 % reach the Rose criterion CNR >= 5
+        against 44.3 % (exact McNemar p = 4e-42), while against the anatomy around the nodule neither is visible more
+        often (19.9 % vs 18.5 %, p = 0.64).
         """
         if self.fit_mode != "resize":
             raise ValueError(f"native_slab_images needs fit_mode='resize' (got {self.fit_mode!r}): slab i is then "
@@ -311,9 +326,13 @@ class UniMedIVolumeProcessor(BaseImageProcessor):
         if not 1 <= num_slabs <= self.volume_size[0] or self.volume_size[0] % num_slabs:
             raise ValueError(f"num_slabs must divide the grid depth {self.volume_size[0]}, got {num_slabs}")
         hu, _ = self._reoriented(ct.hu, ct.spacing)
-        central = slab_central_indices(hu.shape[0], num_slabs)
-        slices = torch.from_numpy(np.ascontiguousarray(hu[central], dtype=np.float32))[None, None]
-        return resize_volume(slices, (num_slabs, image_size, image_size))[0, 0].numpy()
+        if self.slab_image_reduction == "central":
+            slabs = hu[slab_central_indices(hu.shape[0], num_slabs)].astype(np.float32)
+        else:
+            slices = slab_native_slices(hu.shape[0], num_slabs)
+            slabs = np.stack([hu[native].mean(axis=0, dtype=np.float32) for native in slices])
+        slabs = torch.from_numpy(np.ascontiguousarray(slabs))[None, None]
+        return resize_volume(slabs, (num_slabs, image_size, image_size))[0, 0].numpy()
 
     def window_with_slab_images(self, grids, slab_images, training: bool = False) -> BatchFeature:
         """``window_grid`` for volumes together with their native slab images (a list of (S, H, W) HU arrays, one
@@ -370,6 +389,17 @@ def _nifti_cell(cell: dict):
 def slab_central_indices(depth: int, num_slabs: int) -> list[int]:
     """The native slice at the centre of each of ``num_slabs`` equal depth ranges of a ``depth``-slice CT."""
     return [min(depth - 1, int((index + 0.5) * depth / num_slabs)) for index in range(num_slabs)]
+
+
+def slab_native_slices(depth: int, num_slabs: int) -> list[slice]:
+    """The native slices of each of ``num_slabs`` equal depth ranges [i n / S, (i + 1) n / S) of an n = ``depth``-slice
+    CT: those whose centre lies in the range (each slice in one slab), or the central slice alone for a range thinner
+    than a slice."""
+    slices = []
+    for index, central in enumerate(slab_central_indices(depth, num_slabs)):
+        start, stop = (-((num_slabs - 2 * edge * depth) // (2 * num_slabs)) for edge in (index, index + 1))
+        slices.append(slice(start, stop) if stop > start else slice(central, central + 1))
+    return slices
 
 
 def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

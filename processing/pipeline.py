@@ -163,7 +163,8 @@ NATIVE_SLABS = 8
 
 def load_ct_record(candidate: CTCandidate) -> dict:
     """Decode a NIfTI CT, reorient it exactly to the canonical orientation, convert to HU, resample to the grid, and
-    keep each depth slab's central native-resolution slice at the 2D input size (`slab_images`)."""
+    keep each depth slab's native-resolution image at the 2D input size (`slab_images`: the mean of its native slices,
+    the volume processor's default `slab_image_reduction`)."""
     ct = load_ct(nifti_with_geometry(candidate.file, candidate.spacing))
     if candidate.rescale is not None:
         slope, intercept = candidate.rescale

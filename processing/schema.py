@@ -46,8 +46,9 @@ FEATURES = Features(
         # CT: int16 HU on the processor grid as a NIfTI-1 file (``encode_grid``), spacing and orientation in its
         # affine; None for X-ray
         "volume": Nifti(),
-        # CT, optional: per depth slab of the grid, its central native-resolution slice at the 2D input size (int16 HU,
-        # a NIfTI-1 grid of (num_slabs, H, W) over the same extent as ``volume``); None when not stored and for X-rays
+        # CT, optional: per depth slab of the grid, its native-resolution image at the 2D input size (the mean or the
+        # central of its native slices, ``UniMedIVolumeProcessor.slab_image_reduction``; int16 HU, a NIfTI-1 grid of
+        # (num_slabs, H, W) over the same extent as ``volume``); None when not stored and for X-rays
         "slab_images": Nifti(),
         "labels": Sequence(Value("string")),  # finding names when known (benchmark data); [] otherwise
         "metadata": Value("string"),  # JSON object with source-specific extras (ids, view, lesion slabs, ...)

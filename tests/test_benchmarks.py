@@ -20,6 +20,7 @@ SMOKE_RUNS = {
     "data_throughput.py": "| CT |",
     "demo_step_profile.py": "step time with the text cache / without",
     "gpu_pretrain.py": "UniMedI / naive samples/s, checkpointing on",
+    "native_slices.py": "| diameter | nodule slabs | median CNR central | median CNR mean |",
     "embed_throughput.py": "UniMedI 2D / timm ratio",
     "prepare_throughput.py": "| CT-RATE (512 x 512 x 133",
     "pretrain_step.py": "| smoke |",

@@ -12,6 +12,8 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
+from modeling_unimedi.loading_unimedi import load_ct
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 from processing import bimcv, ct_rate, mimic_cxr
 from processing.pipeline import NATIVE_SLABS, SUMMARY_FILE, CTCandidate, PrepareLog, load_ct_record, prepare
 from processing.prepare import main
@@ -195,6 +197,10 @@ def test_real_ct_lungs_land_on_their_side_of_the_grid(ct_nifti_path, ct_mask_pat
     ct = decode_volume(record)
     assert ct.shape == GRID and ct.min() <= -1000 and ct.max() >= 1000  # air and bone in HU
     assert decode_slab_images(record).shape == (NATIVE_SLABS, 224, 224)  # native slices for pretraining (#11)
+    means = UniMedIVolumeProcessor(slab_image_reduction="mean").native_slab_images(
+        load_ct(ct_nifti_path), NATIVE_SLABS
+    )
+    assert np.abs(decode_slab_images(record) - means).max() <= 0.5 + 1e-3  # each slab's mean, rounded to int16 HU
 
     mask = nib.load(ct_mask_path)
     labels = np.asarray(mask.dataobj)

@@ -191,13 +191,33 @@ def test_stabilisers_are_on_by_default():
 # ---------------------------------------------------------------- slices are slices
 
 
+def test_native_slab_image_is_the_mean_of_the_slabs_native_slices_of_the_real_ct(ct_nifti_path):
+    from modeling_unimedi.loading_unimedi import load_ct
+    from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
+
+    ct = load_ct(ct_nifti_path)
+    depth = ct.hu.shape[0]  # 133 slices: 16 or 17 per slab
+    images = UniMedIVolumeProcessor().native_slab_images(ct, num_slabs=8, image_size=224)  # "mean", the default
+    assert images.shape == (8, 224, 224)
+    centres = np.arange(depth) + 0.5
+    members = [(slab * depth / 8 <= centres) & (centres < (slab + 1) * depth / 8) for slab in range(8)]
+    assert np.array_equal(np.sum(members, axis=0), np.ones(depth))  # every native slice in exactly one slab
+    for slab, member in enumerate(members):
+        assert member.sum() in (16, 17)
+        mean = torch.from_numpy(ct.hu[member].astype("float64").mean(axis=0).astype("float32"))[None, None]
+        expected = torch.nn.functional.adaptive_avg_pool2d(mean, 224)[0, 0]  # 512 -> 224, every pixel counts
+        assert torch.allclose(torch.from_numpy(images[slab]), expected, atol=1e-2)
+    central = UniMedIVolumeProcessor(slab_image_reduction="central").native_slab_images(ct, 8, 224)
+    assert np.abs(images - central).mean() > 10  # 16 slices of 2.5 mm average out what one slice shows
+
+
 def test_native_slab_image_is_the_central_native_slice_of_the_real_ct(ct_nifti_path):
     from modeling_unimedi.loading_unimedi import load_ct
     from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
     ct = load_ct(ct_nifti_path)
     depth = ct.hu.shape[0]
-    images = UniMedIVolumeProcessor().native_slab_images(ct, num_slabs=8, image_size=224)
+    images = UniMedIVolumeProcessor(slab_image_reduction="central").native_slab_images(ct, num_slabs=8, image_size=224)
     assert images.shape == (8, 224, 224)
     for slab in (0, 3, 7):
         central = int((slab + 0.5) * depth / 8)

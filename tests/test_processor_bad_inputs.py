@@ -245,6 +245,7 @@ def test_unsupported_input_types():
         ({"hu_window": (1000, -1000)}, "hu_window must be"),
         ({"target_spacing": (1.0, 1.0, 1.0)}, "target_spacing needs fit_mode='crop_or_pad'"),
         ({"fit_mode": "stretch"}, "fit_mode must be one of"),
+        ({"slab_image_reduction": "max"}, r"slab_image_reduction must be one of \('central', 'mean'\), got 'max'"),
         ({"orientation": "SPX"}, "orientation must be three axis codes"),
         ({"orientation": "SSL"}, "orientation must be three axis codes"),
         ({"flip_axes": [3]}, "flip_axes must be within"),

@@ -1,6 +1,8 @@
 """transformers' processor kwargs on UniMedIProcessor and per-call settings on its X-ray and CT processors, called as
 CLIPProcessor / CLIPImageProcessor are documented (`padding=`, `text_kwargs=`, `size=`, `do_normalize=`, ...)."""
 
+import json
+
 import pytest
 import torch
 
@@ -83,11 +85,16 @@ def test_volume_processor_from_a_processor_folder(processor, tmp_path):
     custom = UniMedIProcessor(
         UniMedIImageProcessor(image_mean=[0.4, 0.5, 0.6]),
         processor.tokenizer,
-        volume_processor=UniMedIVolumeProcessor(volume_size=(16, 64, 64), hu_window=(-1200.0, 400.0)),
+        volume_processor=UniMedIVolumeProcessor(
+            volume_size=(16, 64, 64), hu_window=(-1200.0, 400.0), slab_image_reduction="central"
+        ),
     )
     custom.save_pretrained(tmp_path / "processor")
+    saved = json.loads((tmp_path / "processor" / "processor_config.json").read_text())["volume_processor"]
+    assert saved["slab_image_reduction"] == "central"
     loaded = UniMedIVolumeProcessor.from_pretrained(tmp_path / "processor")
     assert loaded.volume_size == (16, 64, 64) and loaded.hu_window == (-1200.0, 400.0)
+    assert loaded.slab_image_reduction == "central"
     loaded.save_pretrained(tmp_path / "alone")
     assert UniMedIVolumeProcessor.from_pretrained(tmp_path / "alone").volume_size == (16, 64, 64)
     UniMedIImageProcessor().save_pretrained(tmp_path / "xray_only")

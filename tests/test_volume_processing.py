@@ -239,6 +239,7 @@ def test_settings_round_trip_through_save_and_load(tmp_path):
         image_std=0.3,
         flip_axes=[0, 2],
         flip_probability=0.25,
+        slab_image_reduction="central",
     )
     processor.save_pretrained(tmp_path)
     reloaded = UniMedIVolumeProcessor.from_pretrained(tmp_path)
@@ -246,6 +247,7 @@ def test_settings_round_trip_through_save_and_load(tmp_path):
     assert (reloaded.volume_size, reloaded.hu_window, reloaded.orientation) == ((16, 64, 96), (-1200, 600), "SPR")
     assert reloaded.target_spacing == (3.0, 1.5, 1.5) and reloaded.fit_mode == "crop_or_pad"
     assert (reloaded.image_mean, reloaded.image_std, reloaded.flip_axes) == (0.4, 0.3, (0, 2))
+    assert reloaded.slab_image_reduction == "central"
     overridden = UniMedIVolumeProcessor.from_pretrained(tmp_path, hu_window=[-1000, 1000])
     assert overridden.hu_window == (-1000, 1000) and overridden.volume_size == (16, 64, 96)
 
@@ -254,7 +256,7 @@ def test_default_settings_round_trip(tmp_path):
     UniMedIVolumeProcessor().save_pretrained(tmp_path)
     reloaded = UniMedIVolumeProcessor.from_pretrained(tmp_path)
     assert reloaded.to_dict() == UniMedIVolumeProcessor().to_dict()
-    assert reloaded.target_spacing is None and reloaded.volume_size == GRID
+    assert reloaded.target_spacing is None and reloaded.volume_size == GRID and reloaded.slab_image_reduction == "mean"
 
 
 def test_grid_spacing_describes_the_resampled_grid():

@@ -416,9 +416,14 @@ class GroundTruthGenerator:
         return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]), mask=mask)
 
     def render_slab_images(self, case: Case, image_size: int = 224) -> np.ndarray:
-        """Int16 HU (num_slabs, image_size, image_size): each grid slab's central slice of the working-resolution CT
-        (``UniMedIVolumeProcessor.native_slab_images``'s definition), with the case's pose and look, so that the
-        stored native slab images show what the stored grid volume shows."""
+        """Int16 HU (num_slabs, image_size, image_size): each slab's central slice of the working-resolution CT, with
+        the case's pose and look.
+
+        Central slices, not the slab means that ``UniMedIVolumeProcessor.native_slab_images`` gives by default (the
+        mean shows a slab's nodule better, ``benchmarks/native_slices.py``): generated data stays byte-identical.
+        The slabs cut the whole working anatomy, not the case's scan range as ``render_ct``'s grid does (since 1.1),
+        so image i is not grid slab i's slice; pretraining on this benchmark uses the grid's slices
+        (``pseudo_image_source="grid"``)."""
         hu = insert_lesions(self.anatomy.hu, case.lesions) - np.float32(AIR_HU)  # air -> 0 outside
         spacing = np.asarray(self.anatomy.spacing, dtype=np.float64)
         extent = np.asarray(hu.shape) * spacing

@@ -18,7 +18,9 @@ view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray
 
 - CT: lesions inserted, put on the processor grid (32 x 128 x 128 by default) with the volume processor's
   ``resample_to_grid``, posed there, intensity gain/offset and noise added, stored as int16 HU in the canonical
-  orientation. Effusions lie supine (fluid posterior).
+  orientation. Effusions lie supine (fluid posterior). Its ``slab_images`` (1.3; everything else as in 1.2 for the
+  same seed) are the volume processor's slab means of the scanner's native slices: the working-resolution CT over the
+  same scan range with the same pose and look, so image i shows grid slab i (``render_slab_images``).
 - X-ray: lesions inserted (effusions upright: fluid in the costophrenic recesses), then a PA DRR
   (``processing.groundtruth.drr``), 256 x 256 8-bit PNG by default.
 - Report: written from the findings (``processing.groundtruth.reports``); ``labels`` holds the finding names from

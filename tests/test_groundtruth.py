@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -123,6 +124,20 @@ def test_shards_round_trip_in_the_record_layout(dataset):
         assert (metadata["slab_depth"], metadata["num_slabs"]) == (SLAB, 8)
         for lesion in metadata["lesions"]:
             assert lesion["slabs"] and set(lesion["slabs"]) <= set(range(8))
+
+
+def test_stored_slab_images_show_their_grid_slabs(dataset):
+    """A CT record's slab image i shows what its grid slab i shows (same scan range and pose): shrunk to the grid's
+    in-plane size, it correlates best with the mean of grid slab i's slices, for every slab of every CT."""
+    cts = [record for record in _all_records(dataset) if record["modality"] == CT]
+    assert len(cts) == NUM_CTS
+    for record in cts:
+        images = torch.from_numpy(decode_slab_images(record).astype(np.float32))
+        assert images.shape == (8, 224, 224)
+        shown = torch.nn.functional.adaptive_avg_pool2d(images, 128).reshape(8, -1).numpy()
+        slabs = decode_volume(record).astype(np.float32).reshape(8, SLAB, -1).mean(axis=1)
+        correlation = np.corrcoef(shown, slabs)[:8, 8:]  # [image, grid slab]
+        assert list(correlation.argmax(axis=1)) == list(range(8)), (record["sample_id"], correlation.round(3))
 
 
 def test_cli_refuses_to_mix_with_an_existing_dataset(dataset):

@@ -264,9 +264,9 @@ def test_training_flips_move_a_volume_and_its_slab_images_together():
         processor.window_with_slab_images([grid, grid], [images.numpy()])
 
 
-def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
-    """Identity pose and plain look: a stored slab image is exactly the working CT's central slice of that slab; a
-    shifted pose moves it like the grid volume moves."""
+def test_generated_slab_images_are_the_means_of_the_scanned_slabs_native_slices():
+    """Identity pose and a plain look over the case's scan range: a stored slab image is the mean of the scanned
+    working CT's native slices whose centres lie in that slab's depth range, resized in-plane to the 2D input size."""
     import dataclasses
 
     from processing.groundtruth.drr import Pose
@@ -276,15 +276,21 @@ def test_generated_slab_images_are_the_central_slices_of_the_posed_ct():
 
     generator = GroundTruthGenerator(GroundTruthConfig(num_xrays=0, num_cts=4))
     case = generator.case("ct", 0)
-    plain = dataclasses.replace(case, pose=Pose(), look=CTLook())
-    working = insert_lesions(generator.anatomy.hu, case.lesions)
-    depth, size = working.shape[0], working.shape[1]
-    images = generator.render_slab_images(plain, image_size=size)
+    look = CTLook(scan_start=case.look.scan_start, scan_stop=case.look.scan_stop)
+    plain = dataclasses.replace(case, pose=Pose(), look=look)
+    scanned = np.rint(insert_lesions(generator.anatomy.hu, case.lesions)[look.scan_slices]).astype("float64")
+    depth = scanned.shape[0]
+    assert depth < generator.anatomy.shape[0]  # a partial scan range: its slabs are not the whole anatomy's
+    images = generator.render_slab_images(plain, image_size=224)
     num_slabs = generator.config.volume_size[0] // generator.config.slab_depth
-    assert images.shape == (num_slabs, size, size)
-    for slab in (0, num_slabs - 1):
-        central = int((slab + 0.5) * depth / num_slabs)
-        assert np.abs(images[slab].astype(np.float32) - np.rint(working[central])).max() <= 1
+    assert images.shape == (num_slabs, 224, 224) and images.dtype == np.int16
+    centres = np.arange(depth) + 0.5
+    for slab in range(num_slabs):
+        member = (slab * depth / num_slabs <= centres) & (centres < (slab + 1) * depth / num_slabs)
+        assert member.sum() >= 2
+        mean = torch.from_numpy(scanned[member].mean(axis=0).astype("float32"))[None, None]
+        expected = torch.nn.functional.interpolate(mean, size=(224, 224), mode="bilinear")[0, 0].numpy()
+        assert np.abs(images[slab] - expected).max() <= 1, slab
     record = generator.record(case)
     assert decode_slab_images(record).shape == (num_slabs, 224, 224)
 

@@ -18,7 +18,9 @@ view) and random intensity/noise. X-rays and CTs are separate cases, so no X-ray
 
 - CT: lesions inserted, put on the processor grid (32 x 128 x 128 by default) with the volume processor's
   ``resample_to_grid``, posed there, intensity gain/offset and noise added, stored as int16 HU in the canonical
-  orientation. Effusions lie supine (fluid posterior).
+  orientation. Effusions lie supine (fluid posterior). Its ``slab_images`` (1.3; everything else as in 1.2 for the
+  same seed) are the volume processor's slab means of the scanner's native slices: the working-resolution CT over the
+  same scan range with the same pose and look, so image i shows grid slab i (``render_slab_images``).
 - X-ray: lesions inserted (effusions upright: fluid in the costophrenic recesses), then a PA DRR
   (``processing.groundtruth.drr``), 256 x 256 8-bit PNG by default.
 - Report: written from the findings (``processing.groundtruth.reports``); ``labels`` holds the finding names from
@@ -55,7 +57,7 @@ import numpy as np
 from PIL import Image
 
 from modeling_unimedi.loading_unimedi import CTVolume
-from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor, slab_central_indices
+from modeling_unimedi.volume_processing_unimedi import UniMedIVolumeProcessor
 
 from ..pipeline import single_threaded_worker
 from ..schema import CT, XRAY, ct_record, xray_record
@@ -105,8 +107,9 @@ from .reports import (
 
 LOGGER = logging.getLogger(__name__)
 # 1.1: random craniocaudal scan ranges, per-modality split fractions; 1.2: masks and boxes (images, volumes, reports,
-# labels and metadata other than this version are those of 1.1)
-GENERATOR_VERSION = "1.2"
+# labels and metadata other than this version are those of 1.1); 1.3: slab images of the scanned range, slab means
+# (everything else as in 1.2)
+GENERATOR_VERSION = "1.3"
 SOURCE = "groundtruth"
 SPLITS = ("train", "validation", "test")
 MANIFEST_FILE = "manifest.json"
@@ -274,7 +277,8 @@ class GroundTruthGenerator:
     def __init__(self, config: GroundTruthConfig = GroundTruthConfig()):
         self.config = config
         self.anatomy = cached_anatomy(config.data_dir)
-        self.processor = UniMedIVolumeProcessor(volume_size=config.volume_size)  # fit_mode "resize": the whole CT
+        # fit_mode "resize": the whole scanned CT on the grid; slab images are their native slices' mean
+        self.processor = UniMedIVolumeProcessor(volume_size=config.volume_size, slab_image_reduction="mean")
 
     # --- cases -------------------------------------------------------------------------------------------------------
 
@@ -402,11 +406,7 @@ class GroundTruthGenerator:
         matrix, offset = case.pose.inverse()
         grid = sampling_grid(self.config.volume_size, spacing, self.config.volume_size, spacing, matrix, offset)
         posed = sample_grid(np.stack(channels), grid)
-        look = case.look
-        noise = np.random.default_rng(look.noise_seed).standard_normal(posed.shape[1:], dtype=np.float32)
-        hu = (posed[0] + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
-        hu += np.float32(look.noise_hu) * noise
-        volume = np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
+        volume = _scanned_hu(posed[0], case.look, noise_stream=0)
         lobes = CTVolume(hu=anatomy.lobe_labels[scanned], spacing=working.spacing, source=case.sample_id)
         mask = sample_grid(self.processor.labels_to_grid(lobes)[None], grid, "nearest")[0].astype(np.uint8)
         for lesion, occupancy in zip(case.lesions, posed[1:]):  # lesions over lobes, later lesions on top
@@ -416,31 +416,19 @@ class GroundTruthGenerator:
         return RenderedCT(volume=volume, spacing=spacing, lesion_occupancy=list(posed[1:]), mask=mask)
 
     def render_slab_images(self, case: Case, image_size: int = 224) -> np.ndarray:
-        """Int16 HU (num_slabs, image_size, image_size): each slab's central slice of the working-resolution CT, with
-        the case's pose and look.
+        """Int16 HU (num_slabs, image_size, image_size): image i shows what ``render_ct``'s grid slab i shows, made
+        as the volume processor's ``native_slab_images`` makes it from a scanner's slices (the mean of the slab's
+        native slices, resized in-plane).
 
-        Central slices, not the slab means that ``UniMedIVolumeProcessor.native_slab_images`` gives by default (the
-        mean shows a slab's nodule better, ``benchmarks/native_slices.py``): generated data stays byte-identical.
-        The slabs cut the whole working anatomy, not the case's scan range as ``render_ct``'s grid does (since 1.1),
-        so image i is not grid slab i's slice; pretraining on this benchmark uses the grid's slices
-        (``pseudo_image_source="grid"``)."""
-        hu = insert_lesions(self.anatomy.hu, case.lesions) - np.float32(AIR_HU)  # air -> 0 outside
-        spacing = np.asarray(self.anatomy.spacing, dtype=np.float64)
-        extent = np.asarray(hu.shape) * spacing
-        out_spacing = (spacing[0], extent[1] / image_size, extent[2] / image_size)
-        matrix, offset = case.pose.inverse()
+        The scanner's slices are the working-resolution CT (2.5 mm slices, 2.8 mm pixels) over the case's scan range
+        with its pose and look, each slice with its own noise and int16 rounding; grid slab i and image i cover the
+        same native slices (``slab_native_slices``)."""
+        scanned = insert_lesions(self.anatomy.hu, case.lesions)[case.look.scan_slices] - np.float32(AIR_HU)  # air -> 0
+        spacing = tuple(self.anatomy.spacing)
+        posed = resample_affine(scanned[None], spacing, scanned.shape, spacing, *case.pose.inverse())[0]
+        native = CTVolume(hu=_scanned_hu(posed, case.look, noise_stream=1), spacing=spacing, source=case.sample_id)
         num_slabs = self.config.volume_size[0] // self.config.slab_depth
-        planes = []
-        for central in slab_central_indices(hu.shape[0], num_slabs):
-            centre = np.array([(central + 0.5) * spacing[0] - extent[0] / 2, 0.0, 0.0])  # mm from the CT centre
-            plane = resample_affine(hu[None], spacing, (1, image_size, image_size), out_spacing, matrix,
-                                    matrix @ centre + offset)  # fmt: skip
-            planes.append(plane[0, 0])
-        look = case.look
-        noise = np.random.default_rng(look.noise_seed + 1).standard_normal((num_slabs, image_size, image_size))
-        images = (np.stack(planes) + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
-        images += np.float32(look.noise_hu) * noise.astype(np.float32)
-        return np.clip(np.rint(images), MIN_HU, MAX_HU).astype(np.int16)
+        return np.rint(self.processor.native_slab_images(native, num_slabs, image_size)).astype(np.int16)
 
     def render_xray(self, case: Case) -> np.ndarray:
         """The case's PA radiograph as unsigned integers (``xray_bits``), ``xray_size`` square."""
@@ -536,6 +524,15 @@ def _occupancy_union(lesions, shape) -> np.ndarray:
 
 def _lesion_metadata(lesion: Lesion, **extra) -> dict:
     return {"finding": lesion.finding, "side": lesion.side, "lobe": lesion.lobe, **lesion.attributes, **extra}
+
+
+def _scanned_hu(air_relative: np.ndarray, look: CTLook, noise_stream: int) -> np.ndarray:
+    """What the scanner stores of HU given relative to air: the look's gain and offset, Gaussian noise of
+    ``noise_hu`` from the look's seed (``noise_stream`` keeps a case's volume and slab images independent), int16."""
+    noise = np.random.default_rng(look.noise_seed + noise_stream).standard_normal(air_relative.shape, dtype=np.float32)
+    hu = (air_relative + np.float32(AIR_HU)) * np.float32(look.hu_gain) + np.float32(look.hu_offset)
+    hu += np.float32(look.noise_hu) * noise
+    return np.clip(np.rint(hu), MIN_HU, MAX_HU).astype(np.int16)
 
 
 def _uniform(rng: np.random.Generator, half_width: float) -> float:

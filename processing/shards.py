@@ -116,8 +116,8 @@ COLUMN_DESCRIPTIONS = {
         "null for X-rays"
     ),
     "slab_images": (
-        "CT, optional: per depth slab of the grid, its central slice of the original-resolution CT at the 2D input "
-        "size (int16 HU NIfTI over the same extent as `volume`); null when not stored and for X-rays"
+        "CT, optional: per depth slab of the grid, the mean of its slices of the original-resolution CT at the 2D "
+        "input size (int16 HU NIfTI over the same extent as `volume`); null when not stored and for X-rays"
     ),
     "labels": "finding names when known (benchmark and downstream data); empty otherwise",
     "metadata": "JSON object with source-specific extras (ids, view, lesion slabs, ...)",

@@ -69,6 +69,7 @@ from training.evaluate import evaluate
 from training.evaluation.markdown import percent, table
 from training.evaluation.report import collapse_verdicts, markdown_report
 from training.evaluation.slice_selection import ANY_LESION
+from training.evaluation.statistics import welch_greater_p
 from training.pretrain import train
 
 LOGGER = logging.getLogger("unimedi.benchmark")
@@ -159,10 +160,7 @@ def train_and_evaluate(run: Run, seed: int, args) -> dict:
         model_dir = Path(args.out) / "runs" / run.model_of / f"seed-{seed}" / "final"
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{run.name} measures {run.model_of}'s model, which is not trained: {model_dir}")
-        metrics = stored_metrics(run_dir / "evaluation", args) if args.reuse else None
-        if metrics is None:
-            metrics = evaluate(model_dir, args.data, args.split, run_dir / "evaluation", args.batch_size,
-                               volume_embedding=run.volume_embedding)  # fmt: skip
+        metrics = measured(model_dir, run_dir / "evaluation", args, run.volume_embedding)
         return {"label": run.label, "seed": seed, "measures": run.model_of, "train_seconds": None, **metrics}
     overrides = [f"train_data={args.data}", f"output_dir={run_dir}", "report_to=none", f"seed={seed}", *run.overrides]
     overrides += GPU_SCALE_OVERRIDES if args.gpu_scale else []
@@ -177,21 +175,23 @@ def train_and_evaluate(run: Run, seed: int, args) -> dict:
         train(config)
         train_seconds = round(time.perf_counter() - started, 1)
         timing.write_text(json.dumps(train_seconds))
-    metrics = stored_metrics(run_dir / "evaluation", args) if args.reuse else None
-    if metrics is None:
-        metrics = evaluate(run_dir / "final", args.data, args.split, run_dir / "evaluation", args.batch_size)
+    metrics = measured(run_dir / "final", run_dir / "evaluation", args)
     return {"label": run.label, "seed": seed, "overrides": overrides, "train_seconds": train_seconds, **metrics}
 
 
-def stored_metrics(evaluation_dir: Path, args) -> dict | None:
-    """A reused run's earlier evaluation when it measured the same data and split (so runs trained by several
-    benchmark processes, e.g. one per core with ``--runs``, are gathered by a final ``--reuse`` without re-measuring)."""
+def measured(model_dir: Path, evaluation_dir: Path, args, volume_embedding: str | None = None) -> dict:
+    """The model's metrics: with ``--reuse``, its earlier evaluation when that measured the same data and split (so
+    runs trained by several benchmark processes, e.g. one per core with ``--runs``, are gathered by a final
+    ``--reuse`` without re-measuring); otherwise, or without one, a new evaluation."""
     path = evaluation_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    same = metrics.get("split") == args.split and Path(metrics.get("data", "")).resolve() == Path(args.data).resolve()
-    return metrics if same else None
+    if args.reuse and path.is_file():
+        metrics = json.loads(path.read_text())
+        data = Path(metrics.get("data", "")).resolve()
+        if metrics.get("split") == args.split and data == Path(args.data).resolve():
+            return metrics
+    return evaluate(
+        model_dir, args.data, args.split, evaluation_dir, args.batch_size, volume_embedding=volume_embedding
+    )
 
 
 def run_all(runs, seeds, args) -> dict[str, dict]:
@@ -404,12 +404,9 @@ def _train_minutes(result: dict) -> str:
 
 
 def seeds_p_value(lower: dict, higher: dict, read) -> float | None:
-    """One-sided Welch t-test over training seeds that ``higher``'s number exceeds ``lower``'s (None below two
-    seeds each): the between-run comparisons of the targets carry the seed-to-seed spread, not only the test set's."""
-    a, b = seed_values(lower, read), seed_values(higher, read)
-    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
-        return None
-    return float(stats.ttest_ind(b, a, equal_var=False, alternative="greater").pvalue)
+    """Welch's one-sided p over training seeds that ``higher``'s number exceeds ``lower``'s: the between-run
+    comparisons of the targets carry the seed-to-seed spread, not only the test set's."""
+    return welch_greater_p(seed_values(higher, read), seed_values(lower, read))
 
 
 def _p_text(p: float | None) -> str:

@@ -198,7 +198,7 @@ def test_runner_selects_rows_reuses_evaluations_and_measures_a_row_with_another_
     assert [run.name for run in benchmark.selected_runs(["vl", "vl_sd"])] == ["vl", "vl_sd"]
     calls = []
 
-    def fake_evaluate(model_dir, data, split, out_dir, batch_size, volume_embedding=None):
+    def fake_evaluate(model_dir, data, split, out_dir, batch_size, *, volume_embedding):
         calls.append((Path(model_dir), volume_embedding))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         metrics = {"data": str(data), "split": split, "volume_embedding": volume_embedding or "volume"}

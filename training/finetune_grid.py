@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+from training.evaluation.statistics import welch_greater_p
 from training.finetune import CONFIG_DIR, load_settings, train
 
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -65,7 +65,8 @@ GRIDS = {
 def cell_dir(
     output_dir: Path, model_name: str, dataset: str, freeze_encoder: bool, fraction: float, seed: int
 ) -> Path:
-    return output_dir / model_name / f"{dataset}-{'probe' if freeze_encoder else 'finetune'}-{fraction:g}" / f"seed-{seed}"
+    cell = f"{dataset}-{'probe' if freeze_encoder else 'finetune'}-{fraction:g}"
+    return output_dir / model_name / cell / f"seed-{seed}"
 
 
 def run_grid(
@@ -122,9 +123,8 @@ def gain_text(values: list[float], baseline: list[float]) -> str:
     if not values or not baseline:
         return "-"
     gain = f"{np.mean(values) - np.mean(baseline):+.1f}"
-    if min(len(values), len(baseline)) < 2 or (np.ptp(values) == 0 and np.ptp(baseline) == 0):
-        return gain
-    return f"{gain} (p={stats.ttest_ind(values, baseline, equal_var=False, alternative='greater').pvalue:.2g})"
+    p_value = welch_greater_p(values, baseline)
+    return gain if p_value is None else f"{gain} (p={p_value:.2g})"
 
 
 def markdown_tables(grid: str, models: dict[str, str | None], output_dir: Path, seeds: tuple[int, ...] = (0,)) -> str:

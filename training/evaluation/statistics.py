@@ -85,6 +85,14 @@ def mcnemar_exact(first: list[bool], second: list[bool]) -> dict:
     return {"only_first": only_first, "only_second": only_second, "p_value": float(p_value)}
 
 
+def welch_greater_p(higher: list[float], lower: list[float]) -> float | None:
+    """One-sided Welch t-test that ``higher``'s values (e.g. one run's result per training seed) exceed ``lower``'s;
+    None below two values each or without any spread, where the test is undefined."""
+    if min(len(higher), len(lower)) < 2 or (np.ptp(higher) == 0 and np.ptp(lower) == 0):
+        return None
+    return float(stats.ttest_ind(higher, lower, equal_var=False, alternative="greater").pvalue)
+
+
 def permutation_p_value(statistic, labels: np.ndarray, observed: float, permutations: int = PERMUTATIONS) -> float:
     """One-sided p-value of ``observed`` = ``statistic(labels)`` against ``statistic`` of the labels randomly
     reassigned (fixed seed), with the +1 correction that keeps it valid."""

@@ -3,7 +3,7 @@
     python -m benchmarks.groundtruth --quick                       # one run of the full method (demo settings)
     python -m benchmarks.groundtruth                               # + the VL and VL+SD ablations, 2D-only and 3D-only
     python -m benchmarks.groundtruth --seeds 0 1 2 --data-seed 7   # three training seeds on an unseen data seed
-    python -m benchmarks.groundtruth --set max_steps=1000          # enough steps for the demo ViT to learn (README)
+    python -m benchmarks.groundtruth --set max_steps=1000          # longer runs than the demo's 440 steps
     python -m benchmarks.groundtruth --evaluate outputs/demo/final # measure an existing model, no training
     python -m benchmarks.groundtruth --gpu-scale --data data/groundtruth_large   # bigger model, more steps (GPU)
 

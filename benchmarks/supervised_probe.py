@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
 
 from modeling_unimedi import UniMedIVisionConfig, UniMedIVisionModel
+from modeling_unimedi.configuration_unimedi import PATCH_EMBEDDINGS
 from processing.groundtruth.reports import FINDING_NAMES
 from processing.samples import resolve
 from processing.schema import XRAY
@@ -91,6 +92,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reports", action="store_true", help="probe the frozen text encoder on the reports instead")
+    parser.add_argument("--patch-embedding", choices=PATCH_EMBEDDINGS, default=None, help="default: the config's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -101,7 +103,10 @@ def main():
         print(f"report probe ({config.text_checkpoint}, max_length {config.max_length}), test AUROC %:")
         print(" | ".join(f"{name} {100 * a:.1f}" for name, a in zip(FINDING_NAMES, aurocs)))
         return
-    vision_config = UniMedIVisionConfig(**config.model_config.get("vision_config", {}))
+    vision_settings = dict(config.model_config.get("vision_config", {}))
+    if args.patch_embedding:
+        vision_settings["patch_embedding"] = args.patch_embedding
+    vision_config = UniMedIVisionConfig(**vision_settings)
     normalisation = {
         key: value
         for key, value in (("image_mean", args.image_mean), ("image_std", args.image_std))
@@ -117,7 +122,8 @@ def main():
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.steps // 10, args.steps)
     print(
-        f"supervised probe: {len(train_images)} train / {len(test_images)} test X-rays, input mean "
+        f"supervised probe: {len(train_images)} train / {len(test_images)} test X-rays, "
+        f"{vision_config.patch_embedding} patch embedding, input mean "
         f"{processor.image_mean[0]} std {processor.image_std[0]}, lr {args.learning_rate}, batch {args.batch_size}"
     )
     print("| step | train BCE | " + " | ".join(f"{name} AUROC" for name in FINDING_NAMES) + " |")

@@ -26,6 +26,7 @@ ABLATION_SETTINGS = {
 
 # Decoders of UniMedIForSemanticSegmentation: SETR-PUP for X-rays, UNETR for CT volumes.
 SEGMENTATION_DECODERS = ("setr-pup", "unetr")
+PATCH_EMBEDDINGS = ("linear", "conv_stem")
 
 
 def _as_tuple(value, length: int, name: str) -> tuple[int, ...]:
@@ -75,6 +76,11 @@ class UniMedIVisionConfig(PreTrainedConfig):
             (depth, height, width) of the 3D patches of T_3D; the depth sets the slabs that Eq. 2 scores.
         volume_channels (`int`, *optional*, defaults to 1):
             Channels of the CT input.
+        patch_embedding (`str`, *optional*, defaults to `"linear"`):
+            How T_2D and T_3D turn pixels into tokens: `"linear"`, the paper's non-overlapping patch projection (the
+            layout of timm's ViT weights), or `"conv_stem"`, stride-2 3x3 convolutions with BatchNorm and ReLU then a
+            1x1 projection (Xiao et al., 2021, "Early convolutions help transformers see better"), which a ViT trained
+            from scratch learns much faster with (README, "The demo"); needs power-of-two patch sides.
 
     Example:
 
@@ -110,6 +116,7 @@ class UniMedIVisionConfig(PreTrainedConfig):
     volume_size: list[int] | tuple[int, int, int] = (32, 128, 128)
     volume_patch_size: list[int] | tuple[int, int, int] = (4, 16, 16)
     volume_channels: int = 1
+    patch_embedding: str = "linear"
 
     def __post_init__(self, **kwargs):
         self.volume_size = _as_tuple(self.volume_size, 3, "volume_size")
@@ -135,6 +142,12 @@ class UniMedIVisionConfig(PreTrainedConfig):
         for axis, size, patch in zip("DHW", self.volume_size, self.volume_patch_size):
             if size % patch != 0:
                 raise ValueError(f"volume_size {axis}={size} is not divisible by volume_patch_size {axis}={patch}")
+        if self.patch_embedding not in PATCH_EMBEDDINGS:
+            raise ValueError(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {self.patch_embedding!r}")
+        if self.patch_embedding == "conv_stem":
+            for name, sides in (("patch_size", (self.patch_size,)), ("volume_patch_size", self.volume_patch_size)):
+                if any(side & (side - 1) for side in sides):
+                    raise ValueError(f"patch_embedding='conv_stem' needs power-of-two {name}, got {sides}")
 
     @property
     def num_image_patches(self) -> int:

@@ -57,6 +57,11 @@ def vision_state_dict_from_timm(timm_state: dict[str, torch.Tensor], config: Uni
     unknown = [k for k in timm_state if k.startswith(("reg_token", "attn_pool", "pos_embed_"))]
     if unknown:
         raise ValueError(f"Unsupported timm ViT variant: keys {unknown[:3]} (register tokens / attention pooling)")
+    if config.patch_embedding != "linear":
+        raise ValueError(
+            "timm ViT weights hold a linear patch embedding; vision_config.patch_embedding is "
+            f"{config.patch_embedding!r}"
+        )
     hidden = config.hidden_size
     if timm_state["cls_token"].shape[-1] != hidden:
         raise ValueError(f"timm width {timm_state['cls_token'].shape[-1]} != vision_config.hidden_size {hidden}")

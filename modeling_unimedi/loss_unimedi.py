@@ -74,11 +74,14 @@ def dino_loss(
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """EMA of the teacher outputs' mean over the global batch (all ranks), in place; prevents DINO collapse."""
+    """EMA of the teacher outputs' mean over the global batch (all ranks), in place; prevents DINO collapse.
+
+    Left unchanged when no rank had outputs (a modality absent from the whole batch)."""
     flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
     total = flat.sum(dim=0, keepdim=True)
     count = torch.tensor(float(flat.shape[0]), device=flat.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         dist.all_reduce(count)
-    center.mul_(momentum).add_(total / count.clamp(min=1), alpha=1 - momentum)
+    if count > 0:
+        center.mul_(momentum).add_(total / count, alpha=1 - momentum)

@@ -141,29 +141,61 @@ def _check_input(tensor: torch.Tensor, name: str, rank: int, channels: int, patc
             )
 
 
+class UniMedIConvStem(nn.Sequential):
+    """Early convolutions in place of a linear patchify (Xiao et al., 2021): 3x3 convolutions of stride 2 along each
+    axis until that axis has shrunk by its patch side (stride 1 after), each with BatchNorm and ReLU and twice the
+    width of the one before, then a 1x1 projection to the backbone width. Same token grid as the linear patchify.
+
+    Along a volume's depth a kernel spans only its stride, so a token still sees exactly its own depth slab, as
+    Eq. 2's per-slab average of attention assumes; in-plane the 3x3 kernels overlap."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: tuple[int, ...]):
+        convolution, norm = {2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[len(patch_size)]
+        num_layers = max(side.bit_length() - 1 for side in patch_size)
+        layers, channels = [], in_channels
+        for index in range(num_layers):
+            stride = tuple(2 if side >> index > 1 else 1 for side in patch_size)
+            kernel = tuple(step if len(patch_size) == 3 and axis == 0 else 3 for axis, step in enumerate(stride))
+            padding = tuple((size - 1) // 2 for size in kernel)
+            width = max(hidden_size >> (num_layers - 1 - index), 8)
+            layers += [
+                convolution(channels, width, kernel, stride, padding, bias=False),
+                norm(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        super().__init__(*layers, convolution(channels, hidden_size, 1))
+
+
+def patch_projection(config: UniMedIVisionConfig, in_channels: int, patch_size: tuple[int, ...]) -> nn.Module:
+    """Pixels -> one token per patch: the config's `patch_embedding` (linear patchify or convolutional stem)."""
+    if config.patch_embedding == "conv_stem":
+        return UniMedIConvStem(in_channels, config.hidden_size, patch_size)
+    convolution = nn.Conv2d if len(patch_size) == 2 else nn.Conv3d
+    return convolution(in_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+
+
 class UniMedIImagePatchEmbeddings(nn.Module):
-    """T_2D: non-overlapping 2D patches -> tokens, plus learned 2D positions (resized for other image sizes)."""
+    """T_2D: 2D patches -> tokens (`patch_embedding`), plus learned 2D positions (resized for other image sizes)."""
 
     def __init__(self, config: UniMedIVisionConfig):
         super().__init__()
         self.config = config
         self.patch_size = (config.patch_size, config.patch_size)
         self.grid = (config.image_size // config.patch_size,) * 2
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        self.projection = patch_projection(config, config.num_channels, self.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], config.hidden_size))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         _check_input(pixel_values, "pixel_values", 4, self.config.num_channels, self.patch_size)
-        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        pixel_values = pixel_values.to(self.position_embedding.dtype)
         tokens = self.projection(pixel_values).flatten(2).transpose(1, 2)
         grid = tuple(s // p for s, p in zip(pixel_values.shape[2:], self.patch_size))
         return tokens + interpolate_position_embedding(self.position_embedding, self.grid, grid)
 
 
 class UniMedIVolumePatchEmbeddings(nn.Module):
-    """T_3D: non-overlapping 3D patches -> tokens in (depth, height, width) order, plus learned 3D positions.
+    """T_3D: 3D patches -> tokens (`patch_embedding`) in (depth, height, width) order, plus learned 3D positions.
 
     Token j of depth slab i sits at index i * (grid_h * grid_w) + j, which is what Eq. 2's per-slice average uses.
     """
@@ -173,14 +205,12 @@ class UniMedIVolumePatchEmbeddings(nn.Module):
         self.config = config
         self.patch_size = tuple(config.volume_patch_size)
         self.grid = tuple(config.volume_grid)
-        self.projection = nn.Conv3d(
-            config.volume_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-        )
+        self.projection = patch_projection(config, config.volume_channels, self.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_volume_patches, config.hidden_size))
 
     def forward(self, volume_values: torch.Tensor) -> torch.Tensor:
         _check_input(volume_values, "volume_values", 5, self.config.volume_channels, self.patch_size)
-        volume_values = volume_values.to(self.projection.weight.dtype)
+        volume_values = volume_values.to(self.position_embedding.dtype)
         tokens = self.projection(volume_values).flatten(2).transpose(1, 2)
         grid = tuple(s // p for s, p in zip(volume_values.shape[2:], self.patch_size))
         return tokens + interpolate_position_embedding(self.position_embedding, self.grid, grid)

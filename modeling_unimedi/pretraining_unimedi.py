@@ -69,6 +69,8 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     volume_keep_mask: torch.BoolTensor | None = None
 
 
+NUM_CENTER_ROWS = 2  # DINO centres per modality: X-rays, CTs (`center_row`)
+
 # Old layout (before the student/teacher ModuleDicts) -> new layout. `from_pretrained` passes it as transformers'
 # `key_mapping`; plain `load_state_dict` (resuming an accelerate checkpoint) applies it through a pre-hook.
 LEGACY_KEY_MAPPING = {
@@ -137,12 +139,20 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor | None) -> tor
 class DistillationTargets:
     """The teacher heads' outputs: what L_icl and L_pcl pull the student towards, and what the DINO centres track.
 
-    `cls`: (num_images + num_volumes, dino_out_dim), one row per sample, X-rays first. `patches`: one
-    (batch, num_positions, dino_out_dim) tensor per branch, at the branch's `pcl_positions`.
+    One tensor per branch (X-rays first): `cls` (batch, dino_out_dim), `patches` (batch, num_positions,
+    dino_out_dim) at the branch's `pcl_positions`.
     """
 
-    cls: torch.Tensor
+    cls: list[torch.Tensor]
     patches: list[torch.Tensor]
+
+
+def center_row(branch: "VisionBranch") -> int:
+    """Row of the DINO centres a branch is centred with: 0 for X-rays, 1 for CTs (with their pseudo-images).
+
+    A mixed batch holds 3x more X-rays than CTs (the demo's 12 + 4); one shared centre follows the X-ray outputs,
+    and with it the CT embeddings collapsed in 4 of 6 benchmark runs (README, "Ground-truth benchmark")."""
+    return int("volume_embeddings" in branch.tokenizers)
 
 
 class UniMedIForPreTraining(UniMedIPreTrainedModel):
@@ -176,8 +186,8 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
                     "patch_head": UniMedIDINOHead(config),
                 }
             )
-            self.register_buffer("cls_center", torch.zeros(1, config.dino_out_dim))
-            self.register_buffer("patch_center", torch.zeros(1, config.dino_out_dim))
+            self.register_buffer("cls_center", torch.zeros(NUM_CENTER_ROWS, config.dino_out_dim))
+            self.register_buffer("patch_center", torch.zeros(NUM_CENTER_ROWS, config.dino_out_dim))
         self.register_buffer("num_teacher_updates", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_pre_hook(self._rename_legacy_keys)
         self.post_init()
@@ -199,6 +209,9 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
             renamed = prefix + rename_legacy_key(key[len(prefix) :])
             if renamed != key:
                 state_dict[renamed] = state_dict.pop(key)
+        for key in (prefix + "cls_center", prefix + "patch_center"):
+            if key in state_dict and state_dict[key].shape[0] == 1:  # one centre shared by both modalities (older runs)
+                state_dict[key] = state_dict[key].expand(NUM_CENTER_ROWS, -1).clone()
 
     # ------------------------------------------------------------------ teacher
 
@@ -343,42 +356,40 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
     def forward_targets(self, branches: list[VisionBranch]) -> DistillationTargets:
         """The teacher heads on the teacher's full-view outputs: [CLS], and the patch tokens at L_pcl's positions."""
         return DistillationTargets(
-            cls=torch.cat([self.teacher["cls_head"](b.teacher.pooler_output) for b in branches]),
+            cls=[self.teacher["cls_head"](b.teacher.pooler_output) for b in branches],
             patches=[self.teacher["patch_head"](b.teacher_patch_tokens()) for b in branches],
         )
 
     def forward_distillation_loss(
         self, branches: list[VisionBranch], targets: DistillationTargets, teacher_temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_icl on the [CLS] outputs and L_pcl on the recovered patch states (a per-sample average over branches).
+        """L_icl on the [CLS] outputs and L_pcl on the recovered patch states (per-sample averages over branches),
+        each branch's teacher centred with its modality's centre.
 
         During the first `prototype_freeze_steps` the heads' prototypes get no gradient (DINO's last-layer freeze).
         """
-        student_temperature = self.config.student_temperature
         freeze = self.training and int(self.num_teacher_updates) < self.config.prototype_freeze_steps
-        student_cls = torch.cat(
-            [self.student["cls_head"](b.student.pooler_output, freeze_prototypes=freeze) for b in branches]
-        )
-        icl = dino_loss(student_cls, targets.cls, self.cls_center, student_temperature, teacher_temperature)
-        pcl_terms = [
-            dino_loss(
-                self.student["patch_head"](b.student_patch_states(), freeze_prototypes=freeze),
-                target,
-                self.patch_center,
-                student_temperature,
-                teacher_temperature,
-            )
-            * target.shape[0]
-            for b, target in zip(branches, targets.patches)
-        ]
-        pcl = torch.stack(pcl_terms).sum() / sum(b.student.pooler_output.shape[0] for b in branches)
-        return icl, pcl
+        temperatures = (self.config.student_temperature, teacher_temperature)
+        icl_terms, pcl_terms = [], []
+        for branch, cls_target, patch_target in zip(branches, targets.cls, targets.patches):
+            row, batch = center_row(branch), cls_target.shape[0]
+            student_cls = self.student["cls_head"](branch.student.pooler_output, freeze_prototypes=freeze)
+            icl_terms.append(batch * dino_loss(student_cls, cls_target, self.cls_center[row], *temperatures))
+            student_patches = self.student["patch_head"](branch.student_patch_states(), freeze_prototypes=freeze)
+            pcl_terms.append(batch * dino_loss(student_patches, patch_target, self.patch_center[row], *temperatures))
+        num_samples = sum(target.shape[0] for target in targets.cls)
+        return torch.stack(icl_terms).sum() / num_samples, torch.stack(pcl_terms).sum() / num_samples
 
-    def update_centers(self, targets: DistillationTargets) -> None:
-        """EMA of the DINO centres towards this batch's teacher outputs (after the losses used the current ones)."""
-        update_center(self.cls_center, targets.cls, self.config.center_momentum)
-        patches = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets.patches])
-        update_center(self.patch_center, patches, self.config.center_momentum)
+    def update_centers(self, branches: list[VisionBranch], targets: DistillationTargets) -> None:
+        """EMA of each modality's DINO centres towards this batch's teacher outputs of that modality (after the
+        losses used the current ones). Every row is updated on every rank, with no outputs where a rank's share
+        lacks the modality, so the ranks' all-reduces stay in step."""
+        rows = [center_row(branch) for branch in branches]
+        for row in range(NUM_CENTER_ROWS):
+            for center, outputs in ((self.cls_center, targets.cls), (self.patch_center, targets.patches)):
+                mine = [o.reshape(-1, o.shape[-1]) for r, o in zip(rows, outputs) if r == row]
+                flat = torch.cat(mine) if mine else center.new_zeros(0, center.shape[-1])
+                update_center(center[row : row + 1], flat, self.config.center_momentum)
 
     def _touch_unused_tokenizers(self, loss: torch.Tensor, branches: list[VisionBranch]) -> torch.Tensor:
         """Add 0 x the parameters of tokenizers this batch did not use, so every parameter has a gradient and
@@ -445,7 +456,7 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         targets = self.forward_targets(branches) if self.config.self_distillation else None
         loss, vl_loss, icl_loss, pcl_loss = self.forward_loss(space, branches, targets, teacher_temperature)
         if self.training and targets is not None:
-            self.update_centers(targets)
+            self.update_centers(branches, targets)
         num_images = 0 if image_branch is None else pixel_values.shape[0]
         return UniMedIForPreTrainingOutput(
             loss=loss,

@@ -75,6 +75,9 @@ def test_config_round_trip(tmp_path):
         (dict(image_size=100), "image_size \\(100\\) is not divisible"),
         (dict(hidden_size=100), "not a multiple of num_attention_heads"),
         (dict(volume_size=(32, 128)), "volume_size"),
+        (dict(patch_embedding="conv"), "patch_embedding must be one of"),
+        (dict(patch_embedding="conv_stem", patch_size=14, image_size=224), "power-of-two patch_size"),
+        (dict(patch_embedding="conv_stem", volume_patch_size=(3, 16, 16), volume_size=(30, 128, 128)), "power-of-two"),
     ],
 )
 def test_vision_config_validation(bad, message):
@@ -362,3 +365,52 @@ def test_full_size_model_runs_one_mixed_forward():
         )
     assert out.logits_per_image.shape == (2, 2)
     print(f"full-size UniMedIModel parameters: {num_params:,} (vision {vision:,}, text {text:,})")
+
+
+# ---------------------------------------------------------------- convolutional stem
+
+
+@pytest.fixture
+def conv_stem_model():
+    torch.manual_seed(0)
+    config = tiny_config(vision_config=dict(TINY_VISION, patch_embedding="conv_stem", volume_patch_size=(2, 16, 16)))
+    return UniMedIModel(config)
+
+
+def test_conv_stem_makes_the_linear_patchify_token_grid(conv_stem_model):
+    vision = conv_stem_model.vision_model
+    stem = vision.volume_embeddings.projection
+    strides = [layer.stride for layer in stem if isinstance(layer, torch.nn.Conv3d)]
+    assert strides == [(2, 2, 2), (1, 2, 2), (1, 2, 2), (1, 2, 2), (1, 1, 1)]  # 2x16x16 patches, then the 1x1
+    # each volume token sees its own depth slab only (Eq. 2 averages attention per slab): change slab 0, slab 1 stays
+    volume = torch.rand(1, 1, 8, 32, 32)
+    vision.eval()
+    before = vision.volume_embeddings(volume)
+    volume[:, :, :2] += 1
+    after = vision.volume_embeddings(volume).unflatten(1, (4, 4))
+    assert not torch.allclose(before.unflatten(1, (4, 4))[:, 0], after[:, 0])
+    assert torch.allclose(before.unflatten(1, (4, 4))[:, 1:], after[:, 1:])
+    assert vision(pixel_values=torch.rand(2, 3, 32, 32)).last_hidden_state.shape == (2, 1 + 4, 32)
+    assert vision(volume_values=torch.rand(2, 1, 8, 32, 32)).last_hidden_state.shape == (2, 1 + 16, 32)
+    # a token sees its patch's neighbourhood only (receptive field 31 pixels): the corner pixel is outside the far one's
+    image = torch.rand(1, 3, 32, 32)
+    before = vision.image_embeddings(image)
+    image[..., 0, 0] += 1
+    after = vision.image_embeddings(image)
+    assert not torch.allclose(before[:, 0], after[:, 0]) and torch.allclose(before[:, 3], after[:, 3])
+
+
+def test_conv_stem_trains_and_round_trips_with_its_batch_statistics(conv_stem_model, tmp_path):
+    optimizer = torch.optim.AdamW(conv_stem_model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = conv_stem_model(**batch(2, 2), return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    norm = conv_stem_model.vision_model.image_embeddings.projection[1]
+    assert norm.num_batches_tracked.item() == 2 and norm.running_mean.abs().sum() > 0
+    conv_stem_model.eval().save_pretrained(tmp_path)
+    loaded = UniMedIModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.vision_model.image_embeddings.projection[1].running_var, norm.running_var)
+    inputs = batch(1, 2)
+    assert torch.allclose(conv_stem_model(**inputs).logits_per_image, loaded(**inputs).logits_per_image, atol=1e-6)

@@ -321,6 +321,25 @@ def test_centres_update_as_an_explicit_training_step(model):
     assert model.cls_center.any() and model.patch_center.any()
 
 
+def test_each_modality_has_its_own_dino_centres(model):
+    """Row 0 follows the X-rays' teacher outputs, row 1 the CTs': a CT-only batch moves only row 1."""
+    model.train()
+    model(**mixed_batch(0, 2))
+    assert not model.cls_center[0].any() and not model.patch_center[0].any()
+    assert model.cls_center[1].any() and model.patch_center[1].any()
+    ct_rows = model.cls_center[1].clone()
+    model(**mixed_batch(2, 0))
+    assert model.cls_center[0].any() and torch.equal(model.cls_center[1], ct_rows)
+
+
+def test_a_shared_centre_of_older_checkpoints_loads_into_both_rows(model):
+    state = model.state_dict()
+    old = torch.randn(1, state["cls_center"].shape[-1])
+    state["cls_center"] = old
+    model.load_state_dict(state)
+    assert torch.equal(model.cls_center, old.expand(2, -1))
+
+
 # ---------------------------------------------------------------- two processes, one modality each
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 PROJECT_CARD = Path(__file__).resolve().parents[1] / "model_card.md"
 
+STEM_WORDS = {"linear": "linear patch tokenizers", "conv_stem": "convolutional-stem tokenizers"}
+
 
 def _data_summary(train_data: str | list[str]) -> str:
     """Each data folder's manifest (generated data) or preparation summary (public datasets), when present."""
@@ -147,7 +149,8 @@ def release_card(config, repo_id: str, metrics: dict | None, datasets: list[str]
 
 [UniMedI]({PAPER_URL}) embeds chest X-rays, chest CT volumes and radiology reports into one space. This checkpoint:
 a {vision.num_hidden_layers}-layer ViT (hidden size {vision.hidden_size}, {vision.patch_size}px 2D patches on
-{vision.image_size}px X-rays, {tuple(vision.volume_patch_size)} 3D patches on {tuple(vision.volume_size)} CTs), a
+{vision.image_size}px X-rays, {tuple(vision.volume_patch_size)} 3D patches on {tuple(vision.volume_size)} CTs,
+{STEM_WORDS[vision.patch_embedding]}), a
 {text.num_hidden_layers}-layer `{text.model_type}` report encoder (hidden size {text.hidden_size}), projection
 dimension {config.projection_dim}. The modelling code ships with the checkpoint: load it with `trust_remote_code=True`.
 

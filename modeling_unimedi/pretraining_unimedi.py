@@ -69,7 +69,10 @@ class UniMedIForPreTrainingOutput(ModelOutput):
     volume_keep_mask: torch.BoolTensor | None = None
 
 
-NUM_CENTER_ROWS = 2  # DINO centres per modality: X-rays, CTs (`center_row`)
+# DINO centres per modality (`center_prefix`): X-rays keep the names of the one centre older runs shared, CTs get
+# their own, so older checkpoints load by name (a missing CT centre starts from the shared one or from zero).
+CENTER_PREFIXES = ("", "volume_")
+CENTER_NAMES = tuple(prefix + kind for prefix in CENTER_PREFIXES for kind in ("cls_center", "patch_center"))
 
 # Old layout (before the student/teacher ModuleDicts) -> new layout. `from_pretrained` passes it as transformers'
 # `key_mapping`; plain `load_state_dict` (resuming an accelerate checkpoint) applies it through a pre-hook.
@@ -147,12 +150,13 @@ class DistillationTargets:
     patches: list[torch.Tensor]
 
 
-def center_row(branch: "VisionBranch") -> int:
-    """Row of the DINO centres a branch is centred with: 0 for X-rays, 1 for CTs (with their pseudo-images).
+def center_prefix(branch: "VisionBranch") -> str:
+    """Name prefix of the DINO centres a branch is centred with: "" for X-rays, "volume_" for CTs (with their
+    pseudo-images).
 
     A mixed batch holds 3x more X-rays than CTs (the demo's 12 + 4); one shared centre follows the X-ray outputs,
     and with it the CT embeddings collapsed in 4 of 6 benchmark runs (README, "Ground-truth benchmark")."""
-    return int("volume_embeddings" in branch.tokenizers)
+    return CENTER_PREFIXES["volume_embeddings" in branch.tokenizers]
 
 
 class UniMedIForPreTraining(UniMedIPreTrainedModel):
@@ -186,8 +190,8 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
                     "patch_head": UniMedIDINOHead(config),
                 }
             )
-            self.register_buffer("cls_center", torch.zeros(NUM_CENTER_ROWS, config.dino_out_dim))
-            self.register_buffer("patch_center", torch.zeros(NUM_CENTER_ROWS, config.dino_out_dim))
+            for name in CENTER_NAMES:
+                self.register_buffer(name, torch.zeros(1, config.dino_out_dim))
         self.register_buffer("num_teacher_updates", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_pre_hook(self._rename_legacy_keys)
         self.post_init()
@@ -199,9 +203,9 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         if isinstance(module, UniMedIMaskToken):
             init.trunc_normal_(module.embedding, std=self.config.vision_config.initializer_range)
         if module is self:
-            for name in ("cls_center", "patch_center", "num_teacher_updates"):
+            for name in (*CENTER_NAMES, "num_teacher_updates"):
                 if hasattr(self, name):
-                    getattr(self, name).zero_()
+                    init.zeros_(getattr(self, name))  # leaves a buffer the checkpoint loaded
 
     @staticmethod
     def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
@@ -209,9 +213,9 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
             renamed = prefix + rename_legacy_key(key[len(prefix) :])
             if renamed != key:
                 state_dict[renamed] = state_dict.pop(key)
-        for key in (prefix + "cls_center", prefix + "patch_center"):
-            if key in state_dict and state_dict[key].shape[0] == 1:  # one centre shared by both modalities (older runs)
-                state_dict[key] = state_dict[key].expand(NUM_CENTER_ROWS, -1).clone()
+        for kind in ("cls_center", "patch_center"):  # older runs: one centre shared by both modalities
+            if prefix + kind in state_dict and prefix + "volume_" + kind not in state_dict:
+                state_dict[prefix + "volume_" + kind] = state_dict[prefix + kind].clone()
 
     # ------------------------------------------------------------------ teacher
 
@@ -372,24 +376,26 @@ class UniMedIForPreTraining(UniMedIPreTrainedModel):
         temperatures = (self.config.student_temperature, teacher_temperature)
         icl_terms, pcl_terms = [], []
         for branch, cls_target, patch_target in zip(branches, targets.cls, targets.patches):
-            row, batch = center_row(branch), cls_target.shape[0]
+            prefix, batch = center_prefix(branch), cls_target.shape[0]
+            cls_center, patch_center = getattr(self, prefix + "cls_center"), getattr(self, prefix + "patch_center")
             student_cls = self.student["cls_head"](branch.student.pooler_output, freeze_prototypes=freeze)
-            icl_terms.append(batch * dino_loss(student_cls, cls_target, self.cls_center[row], *temperatures))
+            icl_terms.append(batch * dino_loss(student_cls, cls_target, cls_center, *temperatures))
             student_patches = self.student["patch_head"](branch.student_patch_states(), freeze_prototypes=freeze)
-            pcl_terms.append(batch * dino_loss(student_patches, patch_target, self.patch_center[row], *temperatures))
+            pcl_terms.append(batch * dino_loss(student_patches, patch_target, patch_center, *temperatures))
         num_samples = sum(target.shape[0] for target in targets.cls)
         return torch.stack(icl_terms).sum() / num_samples, torch.stack(pcl_terms).sum() / num_samples
 
     def update_centers(self, branches: list[VisionBranch], targets: DistillationTargets) -> None:
         """EMA of each modality's DINO centres towards this batch's teacher outputs of that modality (after the
-        losses used the current ones). Every row is updated on every rank, with no outputs where a rank's share
+        losses used the current ones). Every centre is updated on every rank, with no outputs where a rank's share
         lacks the modality, so the ranks' all-reduces stay in step."""
-        rows = [center_row(branch) for branch in branches]
-        for row in range(NUM_CENTER_ROWS):
-            for center, outputs in ((self.cls_center, targets.cls), (self.patch_center, targets.patches)):
-                mine = [o.reshape(-1, o.shape[-1]) for r, o in zip(rows, outputs) if r == row]
+        prefixes = [center_prefix(branch) for branch in branches]
+        for prefix in CENTER_PREFIXES:
+            for kind, outputs in (("cls_center", targets.cls), ("patch_center", targets.patches)):
+                center = getattr(self, prefix + kind)
+                mine = [o.reshape(-1, o.shape[-1]) for p, o in zip(prefixes, outputs) if p == prefix]
                 flat = torch.cat(mine) if mine else center.new_zeros(0, center.shape[-1])
-                update_center(center[row : row + 1], flat, self.config.center_momentum)
+                update_center(center, flat, self.config.center_momentum)
 
     def _touch_unused_tokenizers(self, loss: torch.Tensor, branches: list[VisionBranch]) -> torch.Tensor:
         """Add 0 x the parameters of tokenizers this batch did not use, so every parameter has a gradient and

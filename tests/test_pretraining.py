@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from tiny_configs import TINY_TEXT, TINY_VISION
 
 from modeling_unimedi import UniMedIConfig, UniMedIForPreTraining, UniMedIModel
@@ -192,7 +193,7 @@ def test_save_pretraining_then_load_inference_model(model, tmp_path):
     inference, info = UniMedIModel.from_pretrained(tmp_path, output_loading_info=True)
     inference.eval()
     assert info["missing_keys"] == set()
-    left_out = ("student.", "teacher.", "cls_center", "patch_center", "num_teacher_updates")
+    left_out = ("student.", "teacher.", "cls_center", "patch_center", "volume_", "num_teacher_updates")
     assert info["unexpected_keys"] and all(key.startswith(left_out) for key in info["unexpected_keys"])
     student = model.unimedi.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in inference.state_dict().items())  # the same weights, bit for bit
@@ -322,22 +323,34 @@ def test_centres_update_as_an_explicit_training_step(model):
 
 
 def test_each_modality_has_its_own_dino_centres(model):
-    """Row 0 follows the X-rays' teacher outputs, row 1 the CTs': a CT-only batch moves only row 1."""
+    """`cls_center` follows the X-rays' teacher outputs, `volume_cls_center` the CTs': a CT-only batch moves only the
+    CT centres."""
     model.train()
     model(**mixed_batch(0, 2))
-    assert not model.cls_center[0].any() and not model.patch_center[0].any()
-    assert model.cls_center[1].any() and model.patch_center[1].any()
-    ct_rows = model.cls_center[1].clone()
+    assert not model.cls_center.any() and not model.patch_center.any()
+    assert model.volume_cls_center.any() and model.volume_patch_center.any()
+    ct_center = model.volume_cls_center.clone()
     model(**mixed_batch(2, 0))
-    assert model.cls_center[0].any() and torch.equal(model.cls_center[1], ct_rows)
+    assert model.cls_center.any() and torch.equal(model.volume_cls_center, ct_center)
 
 
-def test_a_shared_centre_of_older_checkpoints_loads_into_both_rows(model):
+def test_a_shared_centre_of_older_checkpoints_loads(model, tmp_path):
+    """Older runs had one centre for both modalities: resuming (`load_state_dict`) starts the CT centres from it,
+    `from_pretrained` loads it by name and starts the missing CT centres from zero."""
     state = model.state_dict()
-    old = torch.randn(1, state["cls_center"].shape[-1])
+    old = torch.randn_like(state["cls_center"])
     state["cls_center"] = old
+    del state["volume_cls_center"], state["volume_patch_center"]
     model.load_state_dict(state)
-    assert torch.equal(model.cls_center, old.expand(2, -1))
+    assert torch.equal(model.cls_center, old) and torch.equal(model.volume_cls_center, old)
+    model.save_pretrained(tmp_path)
+    save_file(
+        {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("volume_")},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    loaded = UniMedIForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(loaded.cls_center, old) and not loaded.volume_cls_center.any()
 
 
 # ---------------------------------------------------------------- two processes, one modality each

@@ -3,6 +3,7 @@
     python benchmarks/supervised_probe.py                                   # processor defaults ([-1, 1] input)
     python benchmarks/supervised_probe.py --image-mean 0 --image-std 1      # the [0, 1] input of earlier versions
     python benchmarks/supervised_probe.py --reports                         # the frozen text encoder instead
+    python benchmarks/supervised_probe.py --modality ct                     # the 3D tokenizer on the CTs
 
 Trains the demo configuration's UniMedIVisionModel from scratch with a linear head and per-finding binary
 cross-entropy on the train-split X-rays (labels, not reports; the pretraining X-ray processor with its random crops,
@@ -10,13 +11,20 @@ AdamW with warm-up and cosine decay as in pretraining), then prints the test-spl
 `--eval-every` steps. If this control cannot learn a finding, a contrastive model with the same encoder and budget
 cannot either: the problem is the encoder, its input or the data, not the CLIP/DINO objective.
 
+`--modality ct` trains the 3D tokenizer on the CTs instead (the pretraining windowing and flips) and also prints the
+attentive slab selection's nodule hit rate (Eq. 1-2 on the supervised encoder, the configured k) against random and
+the train split's best constant slab: whether an encoder that does detect nodules attends to their slab, the
+control for the benchmark's slice-selection target.
+
 `--reports` checks the other side: logistic regression on the config's pretrained text encoder's [CLS] states of the
 X-ray and CT reports (frozen, at the config's `max_length`), AUROC per finding on the test reports. A text encoder
 whose [CLS] separates the findings gives the vision tower a target it can learn against even when frozen.
 """
 
 import argparse
+import json
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,35 +32,62 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from modeling_unimedi import UniMedIVisionConfig, UniMedIVisionModel
+from modeling_unimedi import UniMedIConfig, UniMedIVisionConfig, UniMedIVisionModel, UniMedIVolumeProcessor
 from modeling_unimedi.configuration_unimedi import PATCH_EMBEDDINGS
 from processing.groundtruth.reports import FINDING_NAMES
 from processing.samples import resolve
-from processing.schema import XRAY
+from processing.schema import CT, XRAY, decode_volume
 from processing.shards import stream_split
 from training.config import load_config
+from training.evaluation.slice_selection import slice_selection
 from training.pretrain import xray_processor
 
 
-def load_xrays(data: str, split: str) -> tuple[list, torch.Tensor]:
-    """The split's decoded X-rays and their (N, findings) labels."""
-    images, labels = [], []
+@dataclass
+class Split:
+    """One modality's samples of a split: decoded X-rays or (D, H, W) HU grids, (N, findings) labels, CT metadata."""
+
+    inputs: list
+    labels: torch.Tensor
+    metadata: list[dict]
+
+
+def load_split(data: str, split: str, modality: str) -> Split:
+    """All of a split's samples of one modality, decoded and held in memory (at most a few hundred MiB of CTs)."""
+    samples, labels, metadata = [], [], []
     for record in stream_split(data, split):
-        if record["modality"] == XRAY:
-            images.append(record["image"])
+        if record["modality"] == modality:
+            samples.append(record["image"] if modality == XRAY else decode_volume(record))
             labels.append([name in record["labels"] for name in FINDING_NAMES])
-    return images, torch.tensor(labels, dtype=torch.float32)
+            metadata.append(json.loads(record["metadata"] or "{}"))
+    return Split(samples, torch.tensor(labels, dtype=torch.float32), metadata)
 
 
-def evaluate_auroc(encoder, head, images: list, labels: torch.Tensor, processor) -> list[float]:
-    """Test AUROC per finding (centre crops)."""
+def model_inputs(processor, samples: list, training: bool = False) -> dict:
+    """X-rays through the X-ray processor, CT grids through the volume processor's windowing (as in pretraining)."""
+    if isinstance(processor, UniMedIVolumeProcessor):
+        return processor.window_grid(samples, training=training)
+    return processor(samples, training=training)
+
+
+@torch.no_grad()
+def evaluate(encoder, head, test: Split, processor, train_metadata: list[dict], num_selected: int):
+    """Test AUROC per finding (centre crops, unflipped CTs) and, for CTs, the nodule row of the slab selection
+    (hit rate, random rate, p-value, the train split's best constant slab's rate); None for X-rays."""
     encoder.eval()
-    with torch.no_grad():
-        scores = torch.cat(
-            [head(encoder(**processor(images[i : i + 32])).pooler_output) for i in range(0, len(images), 32)]
-        )
+    batches = [model_inputs(processor, test.inputs[i : i + 32]) for i in range(0, len(test.inputs), 32)]
+    scores = torch.cat([head(encoder(**inputs).pooler_output) for inputs in batches])
+    aurocs = [roc_auc_score(test.labels[:, j], scores[:, j]) for j in range(test.labels.shape[1])]
+    selection = None
+    if isinstance(processor, UniMedIVolumeProcessor):
+        slabs = torch.cat([encoder.slab_scores(inputs["volume_values"]) for inputs in batches])
+        rows = slice_selection(slabs, test.metadata, num_selected, train_metadata)["rows"]
+        row = next((row for row in rows if row["lesion"] == "nodule" and row["k"] == num_selected), None)
+        if row is None:
+            raise ValueError("the test split holds no CT with a nodule: the slab selection cannot be scored")
+        selection = {**row, "train_constant": row.get("train_constant", {}).get("hit_rate", float("nan"))}
     encoder.train()
-    return [roc_auc_score(labels[:, j], scores[:, j]) for j in range(labels.shape[1])]
+    return aurocs, selection
 
 
 def report_probe(data: str, checkpoint: str, max_length: int) -> list[float]:
@@ -79,7 +114,7 @@ def report_probe(data: str, checkpoint: str, max_length: int) -> list[float]:
     ]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/groundtruth")
     parser.add_argument("--config", default=None, help="pretraining config whose vision settings to use (demo)")
@@ -93,7 +128,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reports", action="store_true", help="probe the frozen text encoder on the reports instead")
     parser.add_argument("--patch-embedding", choices=PATCH_EMBEDDINGS, default=None, help="default: the config's")
-    args = parser.parse_args()
+    parser.add_argument("--modality", choices=(XRAY, CT), default=XRAY, help="X-rays (2D tokenizer) or CTs (3D)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -107,14 +143,19 @@ def main():
     if args.patch_embedding:
         vision_settings["patch_embedding"] = args.patch_embedding
     vision_config = UniMedIVisionConfig(**vision_settings)
-    normalisation = {
-        key: value
-        for key, value in (("image_mean", args.image_mean), ("image_std", args.image_std))
-        if value is not None
-    }
-    processor = xray_processor(vision_config, **normalisation)
-    train_images, train_labels = load_xrays(args.data, "train")
-    test_images, test_labels = load_xrays(args.data, "test")
+    num_selected = config.model_config.get("num_selected_slices", UniMedIConfig.num_selected_slices)
+    if args.modality == CT:
+        processor = UniMedIVolumeProcessor(volume_size=tuple(vision_config.volume_size))
+        described = f"HU window {processor.hu_window}"
+    else:
+        normalisation = {
+            key: value
+            for key, value in (("image_mean", args.image_mean), ("image_std", args.image_std))
+            if value is not None
+        }
+        processor = xray_processor(vision_config, **normalisation)
+        described = f"input mean {processor.image_mean[0]} std {processor.image_std[0]}"
+    train, test = load_split(args.data, "train", args.modality), load_split(args.data, "test", args.modality)
 
     encoder = UniMedIVisionModel(vision_config)
     head = torch.nn.Linear(vision_config.hidden_size, len(FINDING_NAMES))
@@ -122,26 +163,32 @@ def main():
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.steps // 10, args.steps)
     print(
-        f"supervised probe: {len(train_images)} train / {len(test_images)} test X-rays, "
-        f"{vision_config.patch_embedding} patch embedding, input mean "
-        f"{processor.image_mean[0]} std {processor.image_std[0]}, lr {args.learning_rate}, batch {args.batch_size}"
+        f"supervised probe: {len(train.inputs)} train / {len(test.inputs)} test {args.modality}s, "
+        f"{vision_config.patch_embedding} patch embedding, {described}, lr {args.learning_rate}, batch {args.batch_size}"
     )
-    print("| step | train BCE | " + " | ".join(f"{name} AUROC" for name in FINDING_NAMES) + " |")
-    print("|---" * (len(FINDING_NAMES) + 2) + "|")
+    columns = [f"{name} AUROC" for name in FINDING_NAMES]
+    if args.modality == CT:
+        columns += [f"nodule slab hit (k = {num_selected})", "random", "train-best constant slab", "p vs random"]
+    print("| step | train BCE | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
-        index = torch.randint(0, len(train_images), (args.batch_size,))
-        inputs = processor([train_images[i] for i in index], training=True)
+        index = torch.randint(0, len(train.inputs), (args.batch_size,))
+        inputs = model_inputs(processor, [train.inputs[i] for i in index], training=True)
         logits = head(encoder(**inputs).pooler_output)
-        loss = F.binary_cross_entropy_with_logits(logits, train_labels[index])
+        loss = F.binary_cross_entropy_with_logits(logits, train.labels[index])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
-            aurocs = evaluate_auroc(encoder, head, test_images, test_labels, processor)
-            print(f"| {step} | {loss.item():.3f} | " + " | ".join(f"{100 * a:.1f}" for a in aurocs) + " |")
+            aurocs, selection = evaluate(encoder, head, test, processor, train.metadata, num_selected)
+            cells = [f"{100 * a:.1f}" for a in aurocs]
+            if selection is not None:
+                cells += [f"{100 * selection[key]:.1f}" for key in ("hit_rate", "random_hit_rate", "train_constant")]
+                cells.append(f"{selection['p_value']:.2g}")
+            print(f"| {step} | {loss.item():.3f} | " + " | ".join(cells) + " |")
     print(f"{time.perf_counter() - started:.0f} s, {args.threads} thread(s)")
 
 

@@ -3,8 +3,8 @@
     python benchmarks/dino_targets.py outputs/groundtruth_benchmark/runs/vl_sd_attn/seed-0 --data data/groundtruth
 
 Loads the run's newest complete checkpoint (the pretraining model with its EMA teacher and DINO centres), runs the
-teacher on up to `--num` test X-rays and CTs as a training step would (full view, slab selection, BatchNorm's running statistics), and prints per
-modality what L_icl's targets are made of:
+teacher on up to `--num` test X-rays and CTs as a training step would (full view, slab selection; BatchNorm with its
+running statistics), and prints per modality what L_icl's targets are made of:
 
 - the entropy of the centred, sharpened teacher distribution as a share of ln K (100 % = uniform: nothing to learn),
   and how many distinct prototypes the samples' targets peak on;
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from modeling_unimedi.pretraining_unimedi import center_prefix
 from processing.schema import CT, XRAY
 from processing.shards import modality_shards
 from training.checkpointing import latest_complete
@@ -32,7 +33,7 @@ from training.evaluation.measures import mean_pairwise_cosine
 from training.pretrain import build_model, build_processor
 
 
-def test_records(data: str, split: str, modality: str, num: int) -> list[dict]:
+def first_records(data: str, split: str, modality: str, num: int) -> list[dict]:
     """The first `num` records of one modality, with image and NIfTI cells as stored bytes (the collator's input)."""
     records = []
     for file in modality_shards(sorted(str(path) for path in Path(data).glob(f"{split}-*.parquet")), modality):
@@ -42,12 +43,11 @@ def test_records(data: str, split: str, modality: str, num: int) -> list[dict]:
     return records[:num]
 
 
-def target_statistics(model, branch, modality: str) -> dict:
+def target_statistics(model, branch) -> dict:
     """L_icl's teacher targets of one branch, centred with its modality's centre at the final teacher temperature."""
     logits = model.forward_targets([branch]).cls[0].float()
-    prefix = "volume_" if modality == CT else ""
     temperature = model.config.teacher_temperature
-    centred = (logits - getattr(model, prefix + "cls_center")) / temperature
+    centred = (logits - getattr(model, center_prefix(branch) + "cls_center")) / temperature
     probabilities = F.softmax(centred, dim=-1)
     entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1)
     bottleneck = F.normalize(model.teacher["cls_head"].mlp(branch.teacher.pooler_output), dim=-1)
@@ -70,6 +70,7 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--split", default="test")
     parser.add_argument("--num", type=int, default=64, help="samples per modality")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="for the random slabs of runs without attentive selection")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -80,6 +81,7 @@ def main(argv=None) -> list[str]:
     model = build_model(config)
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
     model.eval()
+    torch.manual_seed(args.seed)
     if not model.config.self_distillation:
         raise ValueError(f"{run}: ablation {config.ablation!r} trains no self-distillation heads")
     collate = PretrainCollator(build_processor(config, model.config), training=False)
@@ -90,13 +92,13 @@ def main(argv=None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for modality in (XRAY, CT):
-        records = test_records(args.data, args.split, modality, args.num)
+        records = first_records(args.data, args.split, modality, args.num)
         batch = collate(records if modality == XRAY else [], records if modality == CT else [])
         if modality == XRAY:
             branch = model.forward_branch(pixel_values=batch["pixel_values"])
         else:
             branch = model.forward_volumes(batch["volume_values"], batch.get("slab_images"))[0]
-        found = target_statistics(model, branch, modality)
+        found = target_statistics(model, branch)
         lines.append(
             f"| {modality} | {found['samples']} | {100 * found['entropy_share']:.2f} | {found['distinct_peaks']} | "
             f"{found['max_probability']:.4f} | {found['spread']:.3f} | {found['cls_cosine']:.3f} | "

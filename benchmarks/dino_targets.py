@@ -40,6 +40,8 @@ def first_records(data: str, split: str, modality: str, num: int) -> list[dict]:
         records += pq.read_table(file).to_pylist()
         if len(records) >= num:
             break
+    if not records:
+        raise ValueError(f"{data}: no {modality} records in the {split!r} shards")
     return records[:num]
 
 

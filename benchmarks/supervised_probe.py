@@ -82,10 +82,8 @@ def evaluate(encoder, head, test: Split, processor, train_metadata: list[dict], 
     if isinstance(processor, UniMedIVolumeProcessor):
         slabs = torch.cat([encoder.slab_scores(inputs["volume_values"]) for inputs in batches])
         rows = slice_selection(slabs, test.metadata, num_selected, train_metadata)["rows"]
-        row = next((row for row in rows if row["lesion"] == "nodule" and row["k"] == num_selected), None)
-        if row is None:
-            raise ValueError("the test split holds no CT with a nodule: the slab selection cannot be scored")
-        selection = {**row, "train_constant": row.get("train_constant", {}).get("hit_rate", float("nan"))}
+        row = next(row for row in rows if row["lesion"] == "nodule" and row["k"] == num_selected)
+        selection = {**row, "train_constant": row["train_constant"]["hit_rate"]}
     encoder.train()
     return aurocs, selection
 
@@ -156,6 +154,11 @@ def main(argv=None):
         processor = xray_processor(vision_config, **normalisation)
         described = f"input mean {processor.image_mean[0]} std {processor.image_std[0]}"
     train, test = load_split(args.data, "train", args.modality), load_split(args.data, "test", args.modality)
+    for name, found in (("train", train), ("test", test)):
+        if not len(found.inputs):
+            raise ValueError(f"{args.data}: the {name!r} split holds no {args.modality} samples")
+        if args.modality == CT and not found.labels[:, FINDING_NAMES.index("nodule")].any():
+            raise ValueError(f"{args.data}: no {name!r} CT holds a nodule, so the slab selection cannot be scored")
 
     encoder = UniMedIVisionModel(vision_config)
     head = torch.nn.Linear(vision_config.hidden_size, len(FINDING_NAMES))

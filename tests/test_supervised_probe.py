@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.supervised_probe import main
 from processing.groundtruth import GroundTruthConfig, generate
+from training.evaluation.data import load_ct_metadata
 from training.evaluation.slice_selection import best_constant_selection, lesion_slabs
 from training.evaluation.statistics import random_hit_probability
 
@@ -21,8 +22,6 @@ def probe_data(tmp_path_factory) -> Path:
 
 
 def nodule_slabs(folder: Path, split: str) -> list[set[int]]:
-    from training.evaluation.data import load_ct_metadata
-
     slabs = [lesion_slabs(item, 4) for item in load_ct_metadata(folder, split)]
     return [found["nodule"] for found in slabs if "nodule" in found]
 
@@ -46,3 +45,9 @@ def test_ct_probe_prints_aurocs_and_the_slab_selection_against_its_baselines(pro
         assert float(train_constant) == pytest.approx(100 * constant_rate, abs=0.05)
         assert 0 < float(p_value) <= 1
 
+
+def test_probe_refuses_data_without_the_modality(tmp_path):
+    split = (0.5, 0.0, 0.5)
+    generate(GroundTruthConfig(num_xrays=4, num_cts=0, split_fractions=split, ct_split_fractions=split), tmp_path)
+    with pytest.raises(ValueError, match="holds no ct samples"):
+        main(["--data", str(tmp_path), "--modality", "ct", "--steps", "1"])
